@@ -1,0 +1,527 @@
+"""Configuration: frozen dataclasses, one per stage, and their YAML loading.
+
+An experiment YAML (see ``experiments/``) has one mapping per section::
+
+    name: emotify30
+    data:     {source: folder, root: ${EMOTIFY30_ROOT}}
+    features: {sample_rate: 22050, n_mels: 64}
+    tiles:    {tile_seconds: 1.5}
+    sampler:  {mode: tile2vec}
+    model:    {encoder: cnn}
+    loss:     {margin: 0.5}
+    train:    {epochs: 10, seed: 0}
+    embed:    {batch_size: 128}
+    probe:    {protocol: auto}
+    cluster:  {k_min: 2, k_max: 20}
+
+Every key has a default, so any section (or the whole file) may be left out. An unknown
+section or key is an error that names the known ones. ``--set section.key=value``
+overrides are parsed with YAML rules (``--set model.widths=[16,32]`` gives a tuple).
+``${VAR}`` in a string value is replaced from the environment when the file is loaded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import yaml
+
+from .errors import Tile2AudioError
+
+
+def _check_choice(name: str, value: Any, choices: Sequence[Any]) -> None:
+    """Raise if ``value`` is not one of ``choices``."""
+    if value not in choices:
+        raise Tile2AudioError(f"{name} must be one of {list(choices)}, got {value!r}")
+
+
+def _check_positive(name: str, value: float, allow_zero: bool = False) -> None:
+    """Raise if ``value`` is not > 0 (or >= 0)."""
+    if value < 0 or (value == 0 and not allow_zero):
+        raise Tile2AudioError(f"{name} must be {'>= 0' if allow_zero else '> 0'}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class FeatureParams:
+    """Log-mel front-end parameters; saved with every cache and copied into every run.
+
+    Short clips (below ``min_seconds``) are looped (repeated end to end) up to
+    ``min_seconds`` when ``short_policy='pad'``, the same rule the segmenter uses for
+    clips shorter than one tile: looping keeps the clip's spectral statistics, where
+    zero padding would teach the encoder that silence is part of the sound.
+    """
+
+    sample_rate: int = 22050
+    n_fft: int = 1024
+    hop_length: int = 512
+    win_length: int | None = None
+    n_mels: int = 128
+    fmin: float = 0.0
+    fmax: float | None = None
+    log: str = "db"
+    top_db: float | None = 80.0
+    log_eps: float = 1e-6
+    normalize: str = "standardize"
+    channel: int | None = None
+    min_seconds: float = 1.0
+    short_policy: str = "pad"
+    silent_policy: str = "keep"
+
+    def __post_init__(self) -> None:
+        _check_positive("features.sample_rate", self.sample_rate)
+        _check_positive("features.n_fft", self.n_fft)
+        _check_positive("features.hop_length", self.hop_length)
+        _check_positive("features.n_mels", self.n_mels)
+        _check_choice("features.log", self.log, ("db", "log"))
+        _check_choice("features.normalize", self.normalize, ("none", "minmax", "standardize"))
+        _check_choice("features.short_policy", self.short_policy, ("pad", "skip"))
+        _check_choice("features.silent_policy", self.silent_policy, ("keep", "skip"))
+        if self.fmax is not None and self.fmax > self.sample_rate / 2:
+            raise Tile2AudioError(
+                f"features.fmax ({self.fmax}) is above the Nyquist frequency "
+                f"({self.sample_rate / 2}) of features.sample_rate"
+            )
+
+    @property
+    def frames_per_second(self) -> float:
+        """Spectrogram frames per second of audio."""
+        return self.sample_rate / self.hop_length
+
+    def seconds_to_frames(self, seconds: float) -> int:
+        """Number of frames covering ``seconds`` (at least 1)."""
+        return max(1, int(round(seconds * self.frames_per_second)))
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    """How a clip's log-mel is cut into tiles (see :mod:`tile2audio.tiles`)."""
+
+    tile_seconds: float = 1.5
+    tile_hop_seconds: float = 0.75
+    neighbourhood_seconds: float = 3.0
+    min_gap_seconds: float = 0.0
+
+    def __post_init__(self) -> None:
+        _check_positive("tiles.tile_seconds", self.tile_seconds)
+        _check_positive("tiles.tile_hop_seconds", self.tile_hop_seconds)
+        _check_positive("tiles.neighbourhood_seconds", self.neighbourhood_seconds, allow_zero=True)
+        _check_positive("tiles.min_gap_seconds", self.min_gap_seconds, allow_zero=True)
+        if self.min_gap_seconds > self.neighbourhood_seconds:
+            raise Tile2AudioError(
+                "tiles.min_gap_seconds must not exceed tiles.neighbourhood_seconds"
+            )
+
+
+@dataclass(frozen=True)
+class SamplerConfig:
+    """Triplet sampling (see :mod:`tile2audio.sampler`).
+
+    ``mode``: ``tile2vec`` (label-free, the default), ``tile2vec-distant`` (label-free,
+    the opposite may also be a far tile of the same clip) or ``supervised`` (neighbour of
+    the same label, opposite of another label: needs labels, never label-free).
+    """
+
+    mode: str = "tile2vec"
+    memory_gb: float = 4.0
+    rotate_steps: int = 500
+    distant_prob: float = 0.5
+    distant_min_seconds: float | None = None
+    augment: bool = False
+    gain_db: float = 6.0
+    time_masks: int = 1
+    time_mask_fraction: float = 0.1
+    freq_masks: int = 1
+    freq_mask_fraction: float = 0.1
+    mix_prob: float = 0.0
+    mix_gain_db: float = -12.0
+
+    def __post_init__(self) -> None:
+        _check_choice("sampler.mode", self.mode, ("tile2vec", "tile2vec-distant", "supervised"))
+        _check_positive("sampler.memory_gb", self.memory_gb)
+        _check_positive("sampler.rotate_steps", self.rotate_steps)
+
+    @property
+    def label_free(self) -> bool:
+        """True unless the mode uses labels."""
+        return self.mode != "supervised"
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Encoder (and optional decoder) architecture (see :mod:`tile2audio.models`)."""
+
+    encoder: str = "cnn"
+    embedding_dim: int = 128
+    widths: tuple[int, ...] = (32, 64, 128, 256)
+    kernel_size: int = 3
+    stride: int = 1
+    pool_size: int = 2
+    batch_norm: bool = True
+    dropout: float = 0.0
+    global_pool: str = "avg"
+    rnn_units: int = 128
+    bidirectional: bool = True
+    resnet_width: int = 64
+    l2_normalize: bool = True
+    decoder: bool = False
+
+    def __post_init__(self) -> None:
+        _check_choice("model.encoder", self.encoder, ("cnn", "crnn", "resnet18"))
+        _check_choice("model.global_pool", self.global_pool, ("avg", "max", "avgmax"))
+        _check_positive("model.embedding_dim", self.embedding_dim)
+        if not self.widths or any(w <= 0 for w in self.widths):
+            raise Tile2AudioError(f"model.widths must be positive integers, got {self.widths!r}")
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """Triplet (+ optional decoder MSE) loss (see :mod:`tile2audio.losses`).
+
+    ``negatives``: ``single`` uses each triplet's own opposite; ``batch_all`` uses every
+    other clip's tile in the batch as an opposite; ``semi_hard`` and ``hardest`` mine
+    in-batch negatives with the clip (and group) as pseudo-label.
+    """
+
+    margin: float = 0.5
+    distance: str = "squared"
+    reduction: str = "zero_filtered"
+    negatives: str = "single"
+    embedding_l2: float = 0.0
+    triplet_weight: float = 1.0
+    mse_weight: float = 0.0
+
+    def __post_init__(self) -> None:
+        _check_choice("loss.distance", self.distance, ("squared", "euclidean"))
+        _check_choice("loss.reduction", self.reduction, ("zero_filtered", "mean"))
+        _check_choice("loss.negatives", self.negatives, ("single", "batch_all", "semi_hard", "hardest"))
+        _check_positive("loss.margin", self.margin, allow_zero=True)
+        _check_positive("loss.mse_weight", self.mse_weight, allow_zero=True)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation, checkpoints and distribution (see :mod:`tile2audio.train`)."""
+
+    epochs: int = 10
+    steps_per_epoch: int = 100
+    batch_size: int = 64
+    seed: int = 0
+    learning_rate: float = 1e-3
+    lr_schedule: str = "constant"
+    warmup_steps: int = 0
+    checkpoint_every_steps: int = 100
+    probe_every_epochs: int = 0
+    strategy: str = "auto"
+    collapse_threshold: float = 1e-3
+
+    def __post_init__(self) -> None:
+        _check_positive("train.epochs", self.epochs)
+        _check_positive("train.steps_per_epoch", self.steps_per_epoch)
+        _check_positive("train.batch_size", self.batch_size)
+        _check_positive("train.learning_rate", self.learning_rate)
+        _check_choice("train.lr_schedule", self.lr_schedule, ("constant", "cosine"))
+        _check_choice("train.strategy", self.strategy, ("auto", "one", "mirrored", "multiworker"))
+
+    @property
+    def total_steps(self) -> int:
+        """Optimizer steps of the whole run."""
+        return self.epochs * self.steps_per_epoch
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    """The sections ``tile2audio train`` reads."""
+
+    tiles: TileConfig = field(default_factory=TileConfig)
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where an experiment's audio is and how to read its labels.
+
+    ``source`` is a manifest source (``gtzan``, ``fma``, ``dcase2018``, ``folder``,
+    ``csv``) or ``synthetic`` (the built-in demo data, generated under the run's output
+    directory). ``manifest`` may name an existing manifest CSV instead.
+    ``options`` are passed to the source's loader (e.g. ``path_column`` for ``csv``).
+    """
+
+    source: str = "synthetic"
+    root: str | None = None
+    manifest: str | None = None
+    split_dir: str | None = None
+    subset: str = "small"
+    options: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        _check_choice(
+            "data.source", self.source, ("synthetic", "gtzan", "fma", "dcase2018", "folder", "csv")
+        )
+
+
+@dataclass(frozen=True)
+class EmbedConfig:
+    """Embedding export (see :mod:`tile2audio.embed`)."""
+
+    batch_size: int = 128
+
+
+@dataclass(frozen=True)
+class ProbeConfig:
+    """Linear / k-NN probes (see :mod:`tile2audio.probes`).
+
+    ``protocol`` ``auto`` picks from the manifest's columns: split (train/valid/test),
+    else fold (leave-one-fold-out), else stratified ``n_splits``-fold, grouped by group.
+    ``fixed_c`` skips the C search (used to reproduce a published anchor).
+    """
+
+    protocol: str = "auto"
+    n_splits: int = 5
+    c_grid: tuple[float, ...] = (1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)
+    fixed_c: float | None = None
+    knn_k: int = 10
+    svm: bool = False
+    pooling: str = "mean"
+    level: str = "clip"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check_choice("probe.protocol", self.protocol, ("auto", "split", "fold", "kfold"))
+        _check_choice("probe.pooling", self.pooling, ("mean", "meanstd", "max"))
+        _check_choice("probe.level", self.level, ("clip", "tile"))
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    """k-means cluster-count analysis (see :mod:`tile2audio.clusters`)."""
+
+    k_min: int = 2
+    k_max: int = 20
+    level: str = "clip"
+    pooling: str = "mean"
+    gap: bool = True
+    silhouette_sample: int = 5000
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not 2 <= self.k_min <= self.k_max:
+            raise Tile2AudioError(f"cluster k range must satisfy 2 <= k_min <= k_max, got {self.k_min}:{self.k_max}")
+        _check_choice("cluster.level", self.level, ("clip", "tile"))
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    """Everything ``tile2audio run`` needs, one section per stage."""
+
+    name: str = "experiment"
+    data: DataConfig = field(default_factory=DataConfig)
+    features: FeatureParams = field(default_factory=FeatureParams)
+    tiles: TileConfig = field(default_factory=TileConfig)
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    embed: EmbedConfig = field(default_factory=EmbedConfig)
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+
+    @property
+    def training(self) -> TrainingConfig:
+        """The training sections as a :class:`TrainingConfig`."""
+        return TrainingConfig(
+            tiles=self.tiles, sampler=self.sampler, model=self.model, loss=self.loss, train=self.train
+        )
+
+
+# --------------------------------------------------------------------------- loading
+
+_ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def _expand_env(value: Any) -> Any:
+    """Replace ``${VAR}`` in strings from the environment, recursively."""
+    if isinstance(value, str):
+        def repl(m: re.Match) -> str:
+            if m.group(1) not in os.environ:
+                raise Tile2AudioError(
+                    f"the config refers to ${{{m.group(1)}}} but that environment variable is not set"
+                )
+            return os.environ[m.group(1)]
+
+        return _ENV.sub(repl, value)
+    if isinstance(value, dict):
+        return {k: _expand_env(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_expand_env(v) for v in value]
+    return value
+
+
+def _coerce(value: Any, hint: Any, where: str) -> Any:
+    """Convert a YAML value to the field's type, or raise naming the key."""
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], where)
+    if dataclasses.is_dataclass(hint):
+        if not isinstance(value, Mapping):
+            raise Tile2AudioError(f"{where} must be a mapping, got {value!r}")
+        return _build(hint, value, where)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            value = [value]
+        return tuple(_coerce(v, args[0], f"{where}[]") for v in value)
+    if origin is dict or hint is dict:
+        if not isinstance(value, Mapping):
+            raise Tile2AudioError(f"{where} must be a mapping, got {value!r}")
+        return dict(value)
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise Tile2AudioError(f"{where} must be true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise Tile2AudioError(f"{where} must be an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise Tile2AudioError(f"{where} must be a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise Tile2AudioError(f"{where} must be a string, got {value!r}")
+        return value
+    return value
+
+
+def _build(cls: type, values: Mapping[str, Any], where: str) -> Any:
+    """Build dataclass ``cls`` from a mapping, rejecting unknown keys."""
+    hints = typing.get_type_hints(cls)
+    known = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        prefix = f"{where}." if where else ""
+        raise Tile2AudioError(
+            f"unknown config key(s) {', '.join(prefix + k for k in unknown)}; "
+            f"known keys{' of ' + where if where else ''}: {', '.join(known)}"
+        )
+    kwargs = {k: _coerce(v, hints[k], f"{where}.{k}" if where else k) for k, v in values.items()}
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:  # pragma: no cover - guarded by the key check above
+        raise Tile2AudioError(f"bad config for {where or cls.__name__}: {exc}") from exc
+
+
+def parse_overrides(overrides: Sequence[str]) -> dict:
+    """Turn ``["section.key=value", ...]`` into a nested dict (values parsed as YAML)."""
+    out: dict = {}
+    for item in overrides:
+        if "=" not in item or "." not in item.split("=", 1)[0]:
+            raise Tile2AudioError(f"--set expects section.key=value, got {item!r}")
+        dotted, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError as exc:
+            raise Tile2AudioError(f"--set {item!r}: value is not valid YAML: {exc}") from exc
+        node = out
+        parts = dotted.split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise Tile2AudioError(f"--set {item!r} conflicts with another --set")
+        node[parts[-1]] = value
+    return out
+
+
+def merge(base: Mapping, extra: Mapping) -> dict:
+    """Deep-merge ``extra`` into a copy of ``base``."""
+    out = dict(base)
+    for k, v in extra.items():
+        if isinstance(v, Mapping) and isinstance(out.get(k), Mapping):
+            out[k] = merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def read_yaml(path: str | os.PathLike) -> dict:
+    """Read a YAML mapping with ``safe_load``; a clear error for a missing or malformed file."""
+    path = Path(path)
+    if not path.is_file():
+        raise Tile2AudioError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise Tile2AudioError(f"config file {path} is not valid YAML: {exc}") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise Tile2AudioError(f"config file {path} must hold a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+_TRAINING_SECTIONS = {f.name for f in dataclasses.fields(TrainingConfig)}
+_EXPERIMENT_SECTIONS = {f.name for f in dataclasses.fields(ExperimentConfig)}
+
+
+def experiment_from_dict(values: Mapping[str, Any]) -> ExperimentConfig:
+    """Build an :class:`ExperimentConfig` from a (YAML) mapping; unknown keys are errors."""
+    return _build(ExperimentConfig, _expand_env(dict(values)), "")
+
+
+def training_from_dict(values: Mapping[str, Any]) -> TrainingConfig:
+    """Build a :class:`TrainingConfig`; experiment-only sections are accepted and ignored."""
+    values = _expand_env(dict(values))
+    unknown = sorted(set(values) - _EXPERIMENT_SECTIONS)
+    if unknown:
+        raise Tile2AudioError(
+            f"unknown config section(s) {', '.join(unknown)}; known sections: "
+            f"{', '.join(sorted(_EXPERIMENT_SECTIONS))}"
+        )
+    return _build(TrainingConfig, {k: v for k, v in values.items() if k in _TRAINING_SECTIONS}, "")
+
+
+def load_experiment(path: str | os.PathLike | None = None, overrides: Sequence[str] = ()) -> ExperimentConfig:
+    """Load an experiment YAML (or the defaults when ``path`` is None) with ``--set`` overrides."""
+    values = read_yaml(path) if path is not None else {}
+    return experiment_from_dict(merge(values, parse_overrides(overrides)))
+
+
+def load_training(path: str | os.PathLike | None = None, overrides: Sequence[str] = ()) -> TrainingConfig:
+    """Load the training sections of a YAML (or the defaults) with ``--set`` overrides."""
+    values = read_yaml(path) if path is not None else {}
+    return training_from_dict(merge(values, parse_overrides(overrides)))
+
+
+def to_dict(cfg: Any) -> dict:
+    """A dataclass config as plain YAML-safe Python (tuples become lists)."""
+
+    def plain(v: Any) -> Any:
+        if isinstance(v, tuple):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        if isinstance(v, list):
+            return [plain(x) for x in v]
+        return v
+
+    return plain(dataclasses.asdict(cfg))
+
+
+def dump_yaml(cfg: Any) -> str:
+    """A dataclass config as YAML text, in field order."""
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
