@@ -1,0 +1,149 @@
+"""Tests of tile2audio.models: shapes, unit norm, seeding, safe-mode save/load, decoder shapes."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import keras
+import numpy as np
+import pytest
+
+from tile2audio import Tile2AudioError
+from tile2audio.config import ModelConfig
+from tile2audio.models import build_decoder, build_encoder, describe
+
+TILE = (32, 16, 1)
+TINY = dict(widths=(4, 8), embedding_dim=6, rnn_units=4, resnet_width=4)
+ENCODERS = ["cnn", "crnn", "resnet18"]
+
+
+def _cfg(encoder: str = "cnn", **kw) -> ModelConfig:
+    """A tiny ModelConfig for fast tests."""
+    return ModelConfig(encoder=encoder, **{**TINY, **kw})
+
+
+def _tiles(n: int = 3, shape=TILE, seed: int = 0) -> np.ndarray:
+    """Random float32 tiles (n, *shape)."""
+    return np.random.default_rng(seed).normal(size=(n, *shape)).astype("float32")
+
+
+def _same_weights(m1: keras.Model, m2: keras.Model) -> bool:
+    """True when both models hold identical weight arrays."""
+    w1, w2 = m1.get_weights(), m2.get_weights()
+    return len(w1) == len(w2) and all(np.array_equal(a, b) for a, b in zip(w1, w2))
+
+
+@pytest.mark.parametrize("encoder", ENCODERS)
+def test_encoder_shape_norm_seed_and_safe_reload(encoder, tmp_path):
+    cfg = _cfg(encoder, global_pool="avgmax", dropout=0.1)
+    model = build_encoder(cfg, TILE, seed=3)
+    x = _tiles()
+    z = np.asarray(model(x, training=False))
+    assert z.shape == (3, cfg.embedding_dim)
+    np.testing.assert_allclose(np.linalg.norm(z, axis=1), 1.0, atol=1e-5)
+
+    assert _same_weights(model, build_encoder(cfg, TILE, seed=3))
+    assert not _same_weights(model, build_encoder(cfg, TILE, seed=4))
+
+    path = tmp_path / "encoder.keras"
+    model.save(path)
+    loaded = keras.saving.load_model(path, safe_mode=True)
+    np.testing.assert_allclose(np.asarray(loaded(x, training=False)), z, rtol=1e-6, atol=1e-6)
+
+
+def test_encoder_without_l2_is_not_normalised_and_pool_modes_work():
+    x = _tiles()
+    for pool in ("avg", "max"):
+        z = np.asarray(build_encoder(_cfg(l2_normalize=False, global_pool=pool), TILE)(x))
+        assert z.shape == (3, TINY["embedding_dim"])
+        assert not np.allclose(np.linalg.norm(z, axis=1), 1.0, atol=1e-3)
+
+
+def test_crnn_unidirectional_and_no_batch_norm():
+    cfg = _cfg("crnn", bidirectional=False, batch_norm=False)
+    model = build_encoder(cfg, TILE)
+    assert model(_tiles()).shape == (3, cfg.embedding_dim)
+    assert not any(isinstance(layer, keras.layers.BatchNormalization) for layer in model.layers)
+
+
+def test_bidirectional_directions_start_with_different_weights():
+    model = build_encoder(_cfg("crnn"), TILE)
+    bi = model.get_layer("bigru")
+    fwd, bwd = bi.forward_layer.get_weights(), bi.backward_layer.get_weights()
+    assert not np.array_equal(fwd[0], bwd[0])
+
+
+@pytest.mark.parametrize("encoder", ENCODERS)
+@pytest.mark.parametrize("shape", [(5, 3, 1), (1, 1, 1), (9, 40, 1)])
+def test_encoders_accept_tiny_and_odd_inputs(encoder, shape):
+    # Pooling/strides are skipped on axes that have already shrunk to 1.
+    cfg = _cfg(encoder, widths=(4, 8, 8))
+    z = build_encoder(cfg, shape)(_tiles(2, shape))
+    assert z.shape == (2, cfg.embedding_dim)
+    assert np.all(np.isfinite(np.asarray(z)))
+
+
+def test_cnn_variable_time_axis():
+    model = build_encoder(_cfg("cnn"), (None, 16, 1))
+    assert model(_tiles(2, (20, 16, 1))).shape == (2, TINY["embedding_dim"])
+    assert model(_tiles(2, (41, 16, 1))).shape == (2, TINY["embedding_dim"])
+
+
+def test_resnet18_has_18_weighted_layers():
+    model = build_encoder(_cfg("resnet18"), TILE)
+    convs = [l for l in model.layers if isinstance(l, keras.layers.Conv2D) and l.kernel_size != (1, 1)]
+    dense = [l for l in model.layers if isinstance(l, keras.layers.Dense)]
+    assert len(convs) + len(dense) == 18
+    widths = sorted({l.filters for l in convs})
+    assert widths == [4, 8, 16, 32]
+
+
+@pytest.mark.parametrize("shape", [(65, 64, 1), (43, 40, 1), (32, 16, 1), (7, 5, 1), (1, 3, 1)])
+def test_decoder_output_shape_matches_tile(shape):
+    cfg = _cfg()
+    decoder = build_decoder(cfg, shape, output_activation="linear")
+    z = np.random.default_rng(1).normal(size=(2, cfg.embedding_dim)).astype("float32")
+    out = np.asarray(decoder(z))
+    assert out.shape == (2, *shape)
+
+
+def test_decoder_sigmoid_range_seed_and_reload(tmp_path):
+    cfg = _cfg()
+    shape = (43, 40, 1)
+    decoder = build_decoder(cfg, shape, output_activation="sigmoid", seed=5)
+    z = 10.0 * np.random.default_rng(2).normal(size=(4, cfg.embedding_dim)).astype("float32")
+    out = np.asarray(decoder(z))
+    assert out.min() >= 0.0 and out.max() <= 1.0
+    assert _same_weights(decoder, build_decoder(cfg, shape, "sigmoid", seed=5))
+    assert not _same_weights(decoder, build_decoder(cfg, shape, "sigmoid", seed=6))
+    path = tmp_path / "decoder.keras"
+    decoder.save(path)
+    loaded = keras.saving.load_model(path, safe_mode=True)
+    np.testing.assert_allclose(np.asarray(loaded(z)), out, rtol=1e-6, atol=1e-6)
+    linear = np.asarray(build_decoder(cfg, shape, "linear", seed=5)(z))
+    assert linear.min() < 0.0
+
+
+def test_describe_reports_parameter_count():
+    model = build_encoder(_cfg(), TILE)
+    text = describe(model)
+    assert text.startswith("encoder:")
+    assert f"{model.count_params():,} params" in text
+    assert "\n" not in text
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda: build_encoder(_cfg(), (32, 16)),
+        lambda: build_encoder(_cfg(), (32, 0, 1)),
+        lambda: build_encoder(_cfg(), TILE, seed=-1),
+        lambda: build_encoder(dataclasses.replace(_cfg(), dropout=1.0), TILE),
+        lambda: build_encoder(dataclasses.replace(_cfg(), kernel_size=0), TILE),
+        lambda: build_decoder(_cfg(), TILE, output_activation="tanh"),
+        lambda: build_decoder(_cfg(), (None, 16, 1)),
+    ],
+)
+def test_bad_arguments_raise_tile2audio_error(call):
+    with pytest.raises(Tile2AudioError):
+        call()
