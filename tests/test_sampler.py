@@ -1,0 +1,349 @@
+"""Tests of the tf.data triplet sampler (tile2audio.sampler), on tiny caches."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pandas as pd
+import pytest
+
+tf = pytest.importorskip("tensorflow")
+
+from tile2audio import Tile2AudioError  # noqa: E402
+from tile2audio.config import FeatureParams, SamplerConfig, TileConfig  # noqa: E402
+from tile2audio.sampler import TripletSampler, measure_sampler  # noqa: E402
+
+FPS = 40.0  # 16 kHz / hop 400
+TILES = TileConfig(tile_seconds=1.0, tile_hop_seconds=0.5, neighbourhood_seconds=1.0, min_gap_seconds=0.25)
+T, HOOD, GAP = 40, 40, 10  # the frame counts of TILES at FPS
+
+
+class FakeCache:
+    """The documented FeatureCache members the sampler uses, over in-memory frames.
+
+    Band 0 of every frame holds the clip's row number and band 1 the frame number, so a
+    tile can be traced back to its clip and start.
+    """
+
+    def __init__(self, lengths, shards=None, labels=None, groups=None, n_mels=4, normalize="standardize"):
+        self.params = FeatureParams(sample_rate=16000, hop_length=400, n_mels=n_mels, normalize=normalize)
+        self.n_mels = n_mels
+        self.frames_per_second = self.params.frames_per_second
+        n = len(lengths)
+        shards = list(shards or ["s0"] * n)
+        self.shards = list(dict.fromkeys(shards))
+        rng = np.random.default_rng(0)
+        self._data = {}
+        for i, length in enumerate(lengths):
+            x = rng.standard_normal((length, n_mels)).astype(np.float32)
+            x[:, 0], x[:, 1] = i, np.arange(length)
+            self._data[f"c{i}"] = x
+        self.index = pd.DataFrame({
+            "clip_id": [f"c{i}" for i in range(n)], "shard": shards, "n_frames": list(lengths),
+            "min": -4.0, "max": 4.0, "label": list(labels or [""] * n), "group": list(groups or [""] * n),
+        })
+        self.stats = {"mean": np.zeros(n_mels, np.float32), "std": np.full(n_mels, 2.0, np.float32)}
+        self.block_calls: list[list[str]] = []
+
+    def shard_nbytes(self, name):
+        return int(self.index.loc[self.index["shard"] == name, "n_frames"].sum()) * self.n_mels * 4
+
+    def frames_block(self, clip_ids):
+        self.block_calls.append(list(clip_ids))
+        arrays = [self._data[c] for c in clip_ids]
+        lengths = np.array([len(a) for a in arrays], dtype=np.int64)
+        offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
+        return np.concatenate(arrays), offsets, lengths
+
+
+def _batches(sampler: TripletSampler, n: int, start_step: int = 0, with_indices: bool = True) -> list[dict]:
+    """The first ``n`` batches as numpy dicts."""
+    ds = sampler.dataset(start_step=start_step, with_indices=with_indices)
+    return [{k: v.numpy() for k, v in b.items()} for b in ds.take(n)]
+
+
+def _cat(batches: list[dict], key: str) -> np.ndarray:
+    return np.concatenate([b[key] for b in batches])
+
+
+def _check_tiles_trace_back(batch: dict, cache: FakeCache) -> None:
+    """Each tile holds frames start..start+T-1 (looped for short clips) of its clip."""
+    lengths = cache.index["n_frames"].to_numpy()
+    for tile_key, clip_key, start_key in (("anchor", "anchor_clip", "anchor_start"),
+                                          ("neighbour", "neighbour_clip", "neighbour_start"),
+                                          ("opposite", "opposite_clip", "opposite_start")):
+        tiles = batch[tile_key][..., 0]
+        clips, starts = batch[clip_key], batch[start_key]
+        np.testing.assert_array_equal(tiles[:, :, 0], np.repeat(clips[:, None], T, axis=1))
+        expected = (starts[:, None] + np.arange(T)[None, :]) % lengths[clips][:, None]
+        np.testing.assert_array_equal(tiles[:, :, 1], expected)
+
+
+@pytest.fixture(scope="module")
+def mixed_cache():
+    # 7 clips over 3 shards; clips 0-1 share group "a", 2-3 group "b"; clip 5 is shorter than a tile.
+    return FakeCache([200, 150, 120, 90, 300, 25, 60], shards=["s0", "s0", "s1", "s1", "s2", "s2", "s2"],
+                     labels=["x", "x", "y", "y", "z", "x", "y"], groups=["a", "a", "b", "b", "", "", ""])
+
+
+def test_batch_shapes_dtypes_and_tile_shape(mixed_cache):
+    sampler = TripletSampler(mixed_cache, TILES, SamplerConfig(), batch_size=8, seed=0)
+    assert sampler.tile_shape == (T, 4, 1) and not sampler.rotating
+    ds = sampler.dataset()
+    spec = ds.element_spec
+    assert set(spec) == {"anchor", "neighbour", "opposite", "anchor_clip", "opposite_clip",
+                         "anchor_group", "opposite_group"}
+    (batch,) = list(ds.take(1))
+    for key in ("anchor", "neighbour", "opposite"):
+        assert batch[key].shape == (8, T, 4, 1) and batch[key].dtype == tf.float32
+    for key in ("anchor_clip", "opposite_clip", "anchor_group", "opposite_group"):
+        assert batch[key].shape == (8,) and batch[key].dtype == tf.int32
+
+
+def test_tile2vec_neighbourhood_gap_and_opposites(mixed_cache):
+    sampler = TripletSampler(mixed_cache, TILES, SamplerConfig(), batch_size=64, seed=3)
+    batches = _batches(sampler, 4)
+    for b in batches:
+        _check_tiles_trace_back(b, mixed_cache)
+    a_clip, n_clip = _cat(batches, "anchor_clip"), _cat(batches, "neighbour_clip")
+    o_clip = _cat(batches, "opposite_clip")
+    a_s, n_s = _cat(batches, "anchor_start"), _cat(batches, "neighbour_start")
+    np.testing.assert_array_equal(a_clip, n_clip)
+    span = mixed_cache.index["n_frames"].to_numpy()[a_clip] - T
+    dist = np.abs(a_s - n_s)
+    assert (dist <= HOOD).all()
+    roomy = span >= GAP  # where the clip allows the minimum gap, it is respected
+    assert (dist[roomy] >= GAP).all() and roomy.sum() > 100
+    assert (n_s >= 0).all() and (n_s <= np.maximum(span, 0)).all()
+    assert (o_clip != a_clip).all()
+    assert (_cat(batches, "opposite_group") != _cat(batches, "anchor_group")).all()
+    group = mixed_cache.index["group"].to_numpy()
+    same_named_group = (group[a_clip] == group[o_clip]) & (group[a_clip] != "")
+    assert not same_named_group.any()
+    assert len(np.unique(a_clip)) == 7  # every clip, the short one too, gets drawn
+    # Group codes: named groups share one code, clips without group have their own.
+    codes = dict(zip(a_clip, _cat(batches, "anchor_group")))
+    assert codes[0] == codes[1] and codes[2] == codes[3] and len({codes[4], codes[5], codes[6], codes[0]}) == 4
+
+
+def test_same_seed_same_batches_other_seed_differs(mixed_cache):
+    first = _batches(TripletSampler(mixed_cache, TILES, SamplerConfig(), 16, seed=5), 2)
+    again = _batches(TripletSampler(mixed_cache, TILES, SamplerConfig(), 16, seed=5), 2)
+    other = _batches(TripletSampler(mixed_cache, TILES, SamplerConfig(), 16, seed=6), 2)
+    for x, y in zip(first, again):
+        for key in x:
+            np.testing.assert_array_equal(x[key], y[key])
+    assert not np.array_equal(first[0]["anchor_start"], other[0]["anchor_start"])
+    assert not np.array_equal(first[0]["anchor_start"], first[1]["anchor_start"])  # steps differ
+
+
+def test_supervised_labels(mixed_cache):
+    sampler = TripletSampler(mixed_cache, TILES, SamplerConfig(mode="supervised"), 64, seed=1)
+    batches = _batches(sampler, 2)
+    _check_tiles_trace_back(batches[0], mixed_cache)
+    labels = mixed_cache.index["label"].to_numpy()
+    a, n, o = _cat(batches, "anchor_clip"), _cat(batches, "neighbour_clip"), _cat(batches, "opposite_clip")
+    assert (labels[a] == labels[n]).all()
+    alone = labels[a] == "z"  # the only clip of its label: the neighbour comes from the clip itself
+    assert alone.any() and (a[alone] == n[alone]).all()
+    assert (a[~alone] != n[~alone]).all()
+    assert (labels[a] != labels[o]).all()
+
+
+def test_supervised_needs_labels():
+    with pytest.raises(Tile2AudioError, match="needs labels"):
+        TripletSampler(FakeCache([100, 100]), TILES, SamplerConfig(mode="supervised"), 4, seed=0)
+    with pytest.raises(Tile2AudioError, match="two distinct labels"):
+        TripletSampler(FakeCache([100, 100], labels=["x", "x"]), TILES, SamplerConfig(mode="supervised"), 4, seed=0)
+
+
+def test_distant_mode_uses_far_tiles_of_long_clips():
+    # clips 0-1 are long enough for a far tile (span 360 > 2 x neighbourhood), clips 2-3 are not.
+    cache = FakeCache([400, 400, 60, 60], groups=["", "", "", ""])
+    config = SamplerConfig(mode="tile2vec-distant", distant_prob=1.0)
+    sampler = TripletSampler(cache, TILES, config, 64, seed=2)
+    assert sampler.distant_frames == 2 * HOOD
+    batches = _batches(sampler, 2)
+    _check_tiles_trace_back(batches[0], cache)
+    a, o = _cat(batches, "anchor_clip"), _cat(batches, "opposite_clip")
+    a_s, o_s = _cat(batches, "anchor_start"), _cat(batches, "opposite_start")
+    long_anchor = a < 2
+    assert long_anchor.any() and (~long_anchor).any()
+    assert (o[long_anchor] == a[long_anchor]).all()
+    assert (np.abs(a_s - o_s)[long_anchor] >= 2 * HOOD).all()
+    assert (o[~long_anchor] != a[~long_anchor]).all()
+    half = TripletSampler(cache, TILES, SamplerConfig(mode="tile2vec-distant", distant_prob=0.5), 256, seed=2)
+    (b,) = _batches(half, 1)
+    share = (b["opposite_clip"] == b["anchor_clip"])[b["anchor_clip"] < 2].mean()
+    assert 0.3 < share < 0.7
+
+
+def test_one_group_falls_back_to_other_clips(caplog):
+    cache = FakeCache([100, 100, 100], groups=["g", "g", "g"])
+    with caplog.at_level(logging.WARNING, logger="tile2audio.sampler"):
+        sampler = TripletSampler(cache, TILES, SamplerConfig(), 32, seed=0)
+    assert "share one group" in caplog.text
+    (b,) = _batches(sampler, 1)
+    assert (b["opposite_clip"] != b["anchor_clip"]).all()
+
+
+def test_bad_arguments():
+    cache = FakeCache([100, 100])
+    with pytest.raises(Tile2AudioError):
+        TripletSampler(cache, TILES, SamplerConfig(), batch_size=0, seed=0)
+    with pytest.raises(Tile2AudioError):
+        TripletSampler(cache, TILES, SamplerConfig(), 4, seed=0, worker_index=2, num_workers=2)
+    with pytest.raises(Tile2AudioError):
+        TripletSampler(FakeCache([100]), TILES, SamplerConfig(), 4, seed=0)
+    with pytest.raises(Tile2AudioError):
+        TripletSampler(cache, TILES, SamplerConfig(), 4, seed=0).dataset(start_step=-1)
+
+
+def _rotating_cache() -> FakeCache:
+    """6 shards of 2 clips of 100 frames x 4 mels (3,200 bytes per shard as float32)."""
+    return FakeCache([100] * 12, shards=[f"s{i // 2}" for i in range(12)])
+
+
+def test_rotating_pool_visits_all_shards_within_budget():
+    cache = _rotating_cache()
+    budget = 2 * 3200 + 100  # two shards fit, three do not
+    config = SamplerConfig(memory_gb=budget / 2**30, rotate_steps=2)
+    sampler = TripletSampler(cache, TILES, config, 8, seed=0)
+    assert sampler.rotating and sampler.total_nbytes == 6 * 3200
+    batches = _batches(sampler, 12)  # 6 pools = two rounds of 3 pools
+    records = sampler.loaded_pools
+    assert len(records) >= 6
+    assert all(r.nbytes <= sampler.budget_nbytes for r in records)
+    assert max(len(call) for call in cache.block_calls) <= 4  # never more than two shards at once
+    assert {s for r in records[:3] for s in r.shards} == set(cache.shards)  # round 1 visits all
+    assert {s for r in records[3:6] for s in r.shards} == set(cache.shards)  # and so does round 2
+    assert [r.shards for r in records[:3]] != [r.shards for r in records[3:6]]  # new order per round
+    shard_of = cache.index["shard"].to_numpy()
+    for step, b in enumerate(batches):  # every triplet of a step comes from that step's pool
+        pool = set(records[step // 2].shards)
+        assert set(shard_of[b["anchor_clip"]]) <= pool and set(shard_of[b["opposite_clip"]]) <= pool
+        _check_tiles_trace_back(b, cache)
+
+
+def test_resume_equals_continuation_across_pools():
+    cache = _rotating_cache()
+    config = SamplerConfig(memory_gb=(2 * 3200 + 100) / 2**30, rotate_steps=2)
+    full = _batches(TripletSampler(cache, TILES, config, 8, seed=4), 7)
+    resumed = _batches(TripletSampler(cache, TILES, config, 8, seed=4), 4, start_step=3)
+    for x, y in zip(full[3:], resumed):
+        for key in x:
+            np.testing.assert_array_equal(x[key], y[key])
+    in_memory = SamplerConfig()
+    full = _batches(TripletSampler(cache, TILES, in_memory, 8, seed=4), 3)
+    resumed = _batches(TripletSampler(cache, TILES, in_memory, 8, seed=4), 1, start_step=2)
+    for key in full[2]:
+        np.testing.assert_array_equal(full[2][key], resumed[0][key])
+
+
+def test_single_oversized_shard_is_split_into_clip_runs():
+    cache = FakeCache([100] * 6, shards=["big"] * 6)
+    config = SamplerConfig(memory_gb=(2 * 1600 + 10) / 2**30, rotate_steps=1)
+    sampler = TripletSampler(cache, TILES, config, 4, seed=0)
+    _batches(sampler, 3, with_indices=False)
+    assert all(r.nbytes <= sampler.budget_nbytes and r.n_clips == 2 for r in sampler.loaded_pools)
+    loaded = {c for call in cache.block_calls for c in call}
+    assert loaded == set(cache.index["clip_id"])
+
+
+def test_two_workers_read_disjoint_shards():
+    cache = FakeCache([100] * 8, shards=[f"s{i // 2}" for i in range(8)])
+    workers = [TripletSampler(cache, TILES, SamplerConfig(), 16, seed=0, worker_index=w, num_workers=2)
+               for w in range(2)]
+    shards = [set(w.worker_shards) for w in workers]
+    assert shards[0].isdisjoint(shards[1]) and shards[0] | shards[1] == set(cache.shards)
+    shard_of = cache.index["shard"].to_numpy()
+    for w, sampler in enumerate(workers):
+        (b,) = _batches(sampler, 1, with_indices=False)
+        assert set(shard_of[b["anchor_clip"]]) <= shards[w] and set(shard_of[b["opposite_clip"]]) <= shards[w]
+        loaded = {c for call in cache.block_calls[-1:] for c in call}
+        assert set(shard_of[cache.index["clip_id"].isin(loaded).to_numpy()]) == shards[w]
+
+
+def test_fewer_shards_than_workers_split_clips():
+    cache = FakeCache([100] * 6, shards=["s0"] * 6)
+    clips = []
+    for w in range(2):
+        sampler = TripletSampler(cache, TILES, SamplerConfig(), 32, seed=0, worker_index=w, num_workers=2)
+        (b,) = _batches(sampler, 1, with_indices=False)
+        clips.append(set(b["anchor_clip"]) | set(b["opposite_clip"]))
+    assert clips[0].isdisjoint(clips[1])
+    assert clips[0] <= {0, 2, 4} and clips[1] <= {1, 3, 5}
+
+
+@pytest.mark.parametrize("normalize", ["standardize", "minmax"])
+def test_augmentation_changes_values_keeps_shapes_and_is_deterministic(normalize):
+    cache = FakeCache([200, 150, 120], n_mels=16, normalize=normalize)
+    plain = _batches(TripletSampler(cache, TILES, SamplerConfig(), 16, seed=7), 1)[0]
+    config = SamplerConfig(augment=True, gain_db=6.0, time_masks=2, freq_masks=1, mix_prob=0.5)
+    aug = _batches(TripletSampler(cache, TILES, config, 16, seed=7), 1)[0]
+    again = _batches(TripletSampler(cache, TILES, config, 16, seed=7), 1)[0]
+    for key in plain:
+        assert aug[key].shape == plain[key].shape and aug[key].dtype == plain[key].dtype
+        np.testing.assert_array_equal(aug[key], again[key])
+    for key in ("anchor_clip", "opposite_clip", "anchor_start", "neighbour_start", "opposite_start"):
+        np.testing.assert_array_equal(aug[key], plain[key])  # augmentation never changes the draws
+    for key in ("anchor", "neighbour", "opposite"):
+        assert np.isfinite(aug[key]).all()
+        assert not np.allclose(aug[key], plain[key])
+
+
+def test_gain_only_is_an_additive_offset_in_db():
+    cache = FakeCache([200, 150], n_mels=4)  # standardize with std 2: 1 dB is 0.5 normalised units
+    plain = _batches(TripletSampler(cache, TILES, SamplerConfig(), 32, seed=1), 1)[0]
+    config = SamplerConfig(augment=True, gain_db=6.0, time_masks=0, freq_masks=0, mix_prob=0.0)
+    aug = _batches(TripletSampler(cache, TILES, config, 32, seed=1), 1)[0]
+    diff = (aug["anchor"] - plain["anchor"])[..., 0]
+    per_tile = diff[:, 0, 0]
+    np.testing.assert_allclose(diff, np.broadcast_to(per_tile[:, None, None], diff.shape), atol=1e-4)
+    assert (np.abs(per_tile) <= 3.0 + 1e-4).all() and np.ptp(per_tile) > 0.5
+
+
+def test_real_cache_from_synthetic_wavs(tmp_path, write_audio, tone_fn):
+    features = pytest.importorskip("tile2audio.features")
+    if not hasattr(features, "build_cache"):
+        pytest.skip("tile2audio.features.build_cache is not there yet")
+    sr = 16000
+    audio = tmp_path / "audio"
+    clips = {"a": tone_fn(2.0, sr, 440.0), "b": tone_fn(3.0, sr, 880.0, chirp_to=1760.0),
+             "c": tone_fn(1.2, sr, 220.0, noise=0.05), "short": tone_fn(0.6, sr, 660.0)}
+    rows = []
+    for name, y in clips.items():
+        write_audio(audio / f"{name}.wav", y, sr)
+        rows.append({"clip_id": name, "path": f"{name}.wav", "root": str(audio), "label": "",
+                     "split": "", "fold": pd.NA, "group": ""})
+    params = FeatureParams(sample_rate=sr, hop_length=400, n_mels=16, min_seconds=0.5)
+    cache = features.build_cache(pd.DataFrame(rows), tmp_path / "cache", params=params, jobs=1, progress=False)
+    sampler = TripletSampler(cache, TILES, SamplerConfig(), 8, seed=0)
+    (b,) = _batches(sampler, 1)
+    assert b["anchor"].shape == (8, T, 16, 1) and np.isfinite(b["anchor"]).all()
+    assert (b["opposite_clip"] != b["anchor_clip"]).all()
+    frames = cache.frames(cache.index["clip_id"].iloc[int(b["anchor_clip"][0])])
+    start = int(b["anchor_start"][0])
+    expected = np.resize(frames, (max(len(frames), T), 16))[start:start + T]  # np.resize loops rows
+    np.testing.assert_allclose(b["anchor"][0, :, :, 0], expected, atol=0.02)  # float16 pool
+    stats = measure_sampler(cache, TILES, SamplerConfig(), 8, seconds=0.2,
+                            reference_paths=[audio / "a.wav", audio / "b.wav"], reference_seconds=0.1)
+    assert stats["triplets_per_s"] > 0 and stats["reference_triplets_per_s"] > 0
+    assert stats["ratio"] == pytest.approx(stats["triplets_per_s"] / stats["reference_triplets_per_s"])
+    assert stats["peak_rss_mb"] > 0
+
+
+def test_mix_is_a_power_sum_in_db():
+    cache = FakeCache([100, 100], n_mels=4)  # standardize, mean 0, std 2
+    values = {"c0": 5.0, "c1": 3.0}  # normalised: raw dB 10 and 6
+    for clip_id, v in values.items():
+        cache._data[clip_id][:] = v
+    config = SamplerConfig(augment=True, gain_db=0.0, time_masks=0, freq_masks=0, mix_prob=1.0, mix_gain_db=-6.0)
+    (b,) = _batches(TripletSampler(cache, TILES, config, 16, seed=0), 1)
+    raw = {c: 2.0 * v for c, v in values.items()}
+    for tile_key, clip_key in (("anchor", "anchor_clip"), ("opposite", "opposite_clip")):
+        for tile, clip in zip(b[tile_key][..., 0], b[clip_key]):
+            own, other = f"c{clip}", f"c{1 - clip}"  # with two clips the partner is the other one
+            expected = 10 * np.log10(10 ** (raw[own] / 10) + 10 ** ((raw[other] - 6.0) / 10)) / 2.0
+            np.testing.assert_allclose(tile, expected, rtol=2e-3)
