@@ -44,3 +44,36 @@ def write_audio():
 def tone_fn():
     """Return :func:`tone`, the signal generator shared by the tests."""
     return tone
+
+
+TINY_FEATURES = dict(sample_rate=8000, n_fft=256, hop_length=128, n_mels=16)
+#: Overrides that make any training config tiny enough for a test.
+TINY_TRAIN = ["model.widths=[4,8]", "model.embedding_dim=8", "model.rnn_units=8", "model.resnet_width=4",
+              "train.batch_size=8", "tiles.tile_seconds=0.5", "tiles.tile_hop_seconds=0.5",
+              "tiles.neighbourhood_seconds=1.0"]
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory) -> Path:
+    """Synthetic labelled audio (3 styles x 4 clips x 3 s at 8 kHz); returns the manifest path."""
+    from tile2audio.synth import make_demo_dataset
+
+    root = tmp_path_factory.mktemp("tiny_data")
+    return make_demo_dataset(root, n_classes=3, clips_per_class=4, seconds=3.0, sample_rate=8000, seed=0,
+                             progress=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_cache(tiny_dataset, tmp_path_factory) -> Path:
+    """A small log-mel cache of :func:`tiny_dataset` (16 mels, 62.5 frames/s)."""
+    from tile2audio.config import FeatureParams
+    from tile2audio.features import build_cache
+
+    out = tmp_path_factory.mktemp("tiny_cache") / "cache"
+    build_cache(tiny_dataset, out, FeatureParams(**TINY_FEATURES), jobs=1, progress=False)
+    return out
+
+
+def pytest_configure(config):
+    """Register the ``slow`` marker (real-data checks; they still run in the default suite)."""
+    config.addinivalue_line("markers", "slow: takes a minute or more (real-data anchor checks)")

@@ -1,0 +1,38 @@
+"""The command line parses arguments, calls the API and turns errors into messages."""
+
+import subprocess
+import sys
+
+import pandas as pd
+
+from tile2audio.cli import main
+
+
+def test_unknown_config_key_is_a_clear_error(tmp_path, capsys):
+    code = main(["train", "--cache", str(tmp_path), "-o", str(tmp_path / "r"), "--set", "model.nope=1"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "model.nope" in err and "known keys" in err
+
+
+def test_missing_cache_is_a_clear_error(tmp_path, capsys):
+    code = main(["train", "--cache", str(tmp_path / "nowhere"), "-o", str(tmp_path / "r")])
+    assert code == 2 and "nowhere" in capsys.readouterr().err
+
+
+def test_manifest_and_features_commands(tmp_path, write_audio, tone_fn, capsys):
+    for label, f in (("low", 220.0), ("high", 880.0)):
+        for i in range(2):
+            write_audio(tmp_path / "audio" / label / f"{i}.wav", tone_fn(1.5, sr=8000, freq=f * (1 + i / 10)), sr=8000)
+    assert main(["manifest", "folder", str(tmp_path / "audio"), "-o", str(tmp_path / "m.csv")]) == 0
+    assert "4 clips, 2 labels" in capsys.readouterr().out
+    assert main(["-q", "features", str(tmp_path / "m.csv"), "-o", str(tmp_path / "cache"), "--jobs", "1",
+                 "--set", "features.sample_rate=8000", "--set", "features.n_mels=16",
+                 "--set", "features.n_fft=256", "--set", "features.hop_length=128"]) == 0
+    index = pd.read_csv(tmp_path / "cache" / "index.csv")
+    assert len(index) == 4
+
+
+def test_python_dash_m_works():
+    result = subprocess.run([sys.executable, "-m", "tile2audio", "--help"], capture_output=True, text=True)
+    assert result.returncode == 0 and "manifest" in result.stdout and "bench" in result.stdout

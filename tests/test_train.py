@@ -1,0 +1,103 @@
+"""Training: run directory contents, logs, safe loading, resume after SIGKILL, errors."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import keras
+import numpy as np
+import pandas as pd
+import pytest
+
+from conftest import TINY_TRAIN
+from tile2audio.config import load_training
+from tile2audio.errors import Tile2AudioError
+from tile2audio.train import load_encoder, read_run, run_name, train
+
+
+def _cfg(*extra):
+    return load_training(None, TINY_TRAIN + ["train.epochs=2", "train.steps_per_epoch=3", *extra])
+
+
+def test_train_writes_a_complete_run_directory(tiny_cache, tmp_path):
+    run = train(tiny_cache, tmp_path / "runs", _cfg(), progress=False)
+    assert run.parent == tmp_path / "runs" and run.name.startswith("cnn-d8-t0.5s-tile2vec-single")
+    for name in ("config.yaml", "features.json", "run.json", "encoder.keras", "encoder_init.keras", "log.csv"):
+        assert (run / name).is_file(), name
+    assert load_training(run / "config.yaml") == _cfg()
+    log = pd.read_csv(run / "log.csv")
+    assert list(log["epoch"]) == [0, 1]
+    for col in ("loss", "triplet", "active_fraction", "d_an", "d_ao", "spread", "learning_rate"):
+        assert col in log.columns and log[col].notna().all(), col
+    assert ((log["active_fraction"] >= 0) & (log["active_fraction"] <= 1)).all()
+    info = read_run(run)
+    assert info["status"] == "complete" and info["step"] == 6 and info["label_free"] is True
+    trained = load_encoder(run)
+    init = load_encoder(run, "init")
+    x = np.random.default_rng(0).standard_normal((2,) + tuple(trained.input_shape[1:])).astype("float32")
+    assert trained(x).shape == (2, 8)
+    assert not np.allclose(trained(x), init(x)), "training changed nothing"
+    assert keras.saving.load_model(run / "encoder.keras", safe_mode=True) is not None
+
+
+def test_decoder_and_mse_are_logged(tiny_cache, tmp_path):
+    run = train(tiny_cache, tmp_path, _cfg("loss.mse_weight=1.0", "train.epochs=1"), exact=True, progress=False)
+    log = pd.read_csv(run / "log.csv")
+    assert (log["mse"] > 0).all()
+
+
+def test_existing_run_needs_resume(tiny_cache, tmp_path):
+    run = train(tiny_cache, tmp_path / "r", _cfg("train.epochs=1"), exact=True, progress=False)
+    with pytest.raises(Tile2AudioError, match="--resume"):
+        train(tiny_cache, run, _cfg("train.epochs=1"), progress=False)
+    # A finished run resumed is a no-op that keeps the step count.
+    train(tiny_cache, run, _cfg("train.epochs=1"), resume=True, progress=False)
+    assert read_run(run)["step"] == 3
+
+
+def test_run_name_has_key_hyperparameters():
+    name = run_name(_cfg("train.seed=5"), when=0)
+    assert name.startswith("cnn-d8-t0.5s-tile2vec-single-m0.5-s5-")
+
+
+def test_supervised_needs_labels(tiny_cache, tmp_path):
+    import shutil
+
+    unlabelled = tmp_path / "cache"
+    shutil.copytree(tiny_cache, unlabelled)
+    idx = pd.read_csv(unlabelled / "index.csv", dtype=str, keep_default_na=False)
+    idx["label"] = ""
+    idx.to_csv(unlabelled / "index.csv", index=False)
+    with pytest.raises(Tile2AudioError, match="supervised"):
+        train(unlabelled, tmp_path / "runs", _cfg("sampler.mode=supervised"), progress=False)
+
+
+def test_killed_run_resumes_to_the_same_step_count(tiny_cache, tmp_path):
+    out = tmp_path / "run"
+    sets = TINY_TRAIN + ["train.epochs=3", "train.steps_per_epoch=4", "train.checkpoint_every_steps=2"]
+    cmd = [sys.executable, "-m", "tile2audio", "-q", "train", "--cache", str(tiny_cache), "-o", str(out)]
+    cmd += [a for s in sets for a in ("--set", s)]
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    killed = False
+    while time.time() < deadline and proc.poll() is None:
+        ckpts = list(out.glob("*/checkpoints/step_*/state.json"))
+        if ckpts:
+            os.kill(proc.pid, signal.SIGKILL)
+            killed = True
+            break
+        time.sleep(0.05)
+    proc.wait()
+    assert killed, "the run finished before it could be killed"
+    (run,) = [d for d in out.iterdir() if d.is_dir()]
+    assert not (run / "encoder.keras").exists()
+    result = subprocess.run(cmd[:-len(sets) * 2] + ["--resume"], env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    info = read_run(run)
+    assert info["status"] == "complete" and info["step"] == 12
+    log = pd.read_csv(run / "log.csv")
+    assert log["epoch"].max() == 2 and log["step"].iloc[-1] == 12

@@ -1,0 +1,338 @@
+"""The whole pipeline in one call: ``tile2audio run`` and ``tile2audio demo``.
+
+Layout of an experiment's output folder::
+
+    OUT/
+      config.yaml          the resolved ExperimentConfig
+      stages.json          a fingerprint per finished stage (what makes a stage up to date)
+      data/                synthetic audio (demo only)
+      manifest.csv
+      cache/               log-mel cache (+ mfcc_stats.npz, the MFCC baseline features)
+      run/                 the training run (encoder.keras, log.csv ...)
+        embeddings/trained/  embeddings/random/
+      probe/probe.json
+      cluster/cluster.json, kmeans_curves.png
+      report/report.md, report.json, *.png
+
+A stage is skipped when its output exists and its fingerprint (a hash of the config
+sections it depends on, chained with its inputs' fingerprints) is unchanged, so a rerun
+after a crash continues where it stopped, and a changed setting reruns only the stages
+downstream of it. Features, training and embedding also resume inside a stage.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Sequence
+
+from . import atomic
+from .config import ExperimentConfig, dump_yaml, experiment_from_dict, merge, parse_overrides, to_dict
+from .errors import Tile2AudioError
+
+log = logging.getLogger(__name__)
+
+STAGES = ("manifest", "features", "train", "embed", "probe", "cluster", "report")
+DEPENDS = {"manifest": set(), "features": {"manifest"}, "train": {"features"}, "embed": {"train"},
+           "probe": {"embed"}, "cluster": {"embed"}, "report": {"probe", "cluster"}}
+
+#: The demo's settings: small enough for a few minutes on 2 CPU cores.
+#: ``experiments/demo.yaml`` holds the same values (a test keeps them equal).
+DEMO_CONFIG: dict = {
+    "name": "demo",
+    "data": {"source": "synthetic"},
+    "features": {"sample_rate": 16000, "n_fft": 1024, "hop_length": 512, "n_mels": 64},
+    "tiles": {"tile_seconds": 1.5, "tile_hop_seconds": 0.75, "neighbourhood_seconds": 3.0},
+    "model": {"encoder": "cnn", "widths": [16, 32, 64], "embedding_dim": 64},
+    "loss": {"margin": 0.5, "negatives": "batch_all"},
+    "train": {"epochs": 4, "steps_per_epoch": 50, "batch_size": 32, "learning_rate": 0.001},
+    "probe": {"n_splits": 5},
+    "cluster": {"k_min": 2, "k_max": 10},
+}
+
+
+def _fingerprint(*parts) -> str:
+    """Stable short hash of JSON-able parts."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+class _Stages:
+    """Reads and writes ``stages.json``: which stage finished with which fingerprint."""
+
+    def __init__(self, out: Path):
+        self.path = out / "stages.json"
+        self.done = json.loads(self.path.read_text()) if self.path.is_file() else {}
+
+    def fresh(self, stage: str, fp: str, *outputs: Path) -> bool:
+        return self.done.get(stage) == fp and all(p.exists() for p in outputs)
+
+    def mark(self, stage: str, fp: str) -> None:
+        self.done[stage] = fp
+        atomic.write_json(self.path, self.done)
+
+
+def _fingerprints(cfg: ExperimentConfig) -> dict[str, str]:
+    """Each stage's fingerprint, chained so a change upstream invalidates downstream."""
+    c = to_dict(cfg)
+    fps: dict[str, str] = {}
+    fps["manifest"] = _fingerprint(c["data"])
+    fps["features"] = _fingerprint(fps["manifest"], c["features"])
+    fps["train"] = _fingerprint(fps["features"], *(c[k] for k in ("tiles", "sampler", "model", "loss", "train")))
+    fps["embed"] = _fingerprint(fps["train"], c["embed"])
+    fps["probe"] = _fingerprint(fps["embed"], c["probe"])
+    fps["cluster"] = _fingerprint(fps["embed"], c["cluster"])
+    fps["report"] = _fingerprint(fps["probe"], fps["cluster"])
+    return fps
+
+
+def plan(cfg: ExperimentConfig, out: str | os.PathLike) -> list[tuple[str, bool]]:
+    """(stage, up to date) for every stage of an experiment in ``out``."""
+    out = Path(out)
+    stages, fps = _Stages(out), _fingerprints(cfg)
+    outputs = {
+        "manifest": [out / "manifest.csv"], "features": [out / "cache" / "index.csv"],
+        "train": [out / "run" / "encoder.keras"],
+        "embed": [out / "run" / "embeddings" / "trained" / "clip_embeddings.npz",
+                  out / "run" / "embeddings" / "random" / "clip_embeddings.npz"],
+        "probe": [out / "probe" / "probe.json"], "cluster": [out / "cluster" / "cluster.json"],
+        "report": [out / "report" / "report.md"],
+    }
+    stale: set[str] = set()
+    result = []
+    for s in STAGES:
+        ok = stages.fresh(s, fps[s], *outputs[s]) and not (DEPENDS[s] & stale)
+        if not ok:
+            stale.add(s)
+        result.append((s, ok))
+    return result
+
+
+def _manifest_stage(cfg: ExperimentConfig, out: Path, progress: bool) -> Path:
+    """Make or copy the manifest; returns its path."""
+    from .datasets import build_manifest, read_manifest, write_manifest
+
+    d = cfg.data
+    target = out / "manifest.csv"
+    if d.manifest:
+        write_manifest(read_manifest(d.manifest), target)
+    elif d.source == "synthetic":
+        from .synth import make_demo_dataset
+
+        made = make_demo_dataset(out / "data", sample_rate=cfg.features.sample_rate, seed=cfg.train.seed,
+                                 progress=progress, **d.options)
+        write_manifest(read_manifest(made), target)
+    else:
+        if not d.root:
+            raise Tile2AudioError(f"data.root is not set for source {d.source!r}: pass --set data.root=PATH "
+                                  "or set the environment variable the config names")
+        options = dict(d.options)
+        if d.source == "gtzan" and d.split_dir:
+            options["split_dir"] = d.split_dir
+        if d.source == "fma":
+            options["subset"] = d.subset
+        write_manifest(build_manifest(d.source, d.root, **options), target)
+    return target
+
+
+def _embed_stage(cfg: ExperimentConfig, out: Path, progress: bool) -> dict:
+    """Embed the cache with the trained and the initial (random) weights."""
+    from .embed import embed
+
+    sets = {}
+    for weights, sub in (("trained", "trained"), ("init", "random")):
+        sets[sub] = embed(out / "run", out / "cache", out / "run" / "embeddings" / sub, weights=weights,
+                          skip_existing=True, batch_size=cfg.embed.batch_size,
+                          name=f"{cfg.name} ({'random weights' if weights == 'init' else 'trained'})",
+                          progress=progress)
+    return sets
+
+
+def mfcc_baseline(cache_dir: str | os.PathLike, progress: bool = True):
+    """The MFCC-statistics baseline of a cache's clips, as an EmbeddingSet (cached on disk)."""
+    from .baselines import mfcc_matrix
+    from .embed import from_clip_matrix
+    from .features import open_cache
+
+    cache = open_cache(cache_dir)
+    idx = cache.index
+    paths = [Path(r) / p for r, p in zip(idx["root"], idx["path"])]
+    X = mfcc_matrix(paths, list(idx["clip_id"]), cache_file=Path(cache.path) / "mfcc_stats.npz",
+                    progress=progress)
+    return from_clip_matrix(idx, X, name="MFCC statistics", kind="mfcc")
+
+
+def run_experiment(cfg: ExperimentConfig, out: str | os.PathLike, *, dry_run: bool = False,
+                   progress: bool = True, extra_runs: Sequence[str | os.PathLike] = ()) -> Path | list:
+    """Run every stage of an experiment that is not up to date.
+
+    Parameters
+    ----------
+    cfg : ExperimentConfig
+    out : path
+        The experiment's output folder (layout in the module docstring).
+    dry_run : bool
+        Print the resolved config and the stages that would run; run nothing.
+    extra_runs : paths
+        Other run directories to add to the probe table (baseline (c)).
+
+    Returns
+    -------
+    Path or list
+        The report's path, or the plan ``[(stage, up_to_date), ...]`` for a dry run.
+    """
+    out = Path(out)
+    steps = plan(cfg, out)
+    if dry_run:
+        print(dump_yaml(cfg))
+        for stage, ok in steps:
+            print(f"{stage:9s} {'up to date, skipped' if ok else 'would run'}")
+        return steps
+    out.mkdir(parents=True, exist_ok=True)
+    atomic.write_text(out / "config.yaml", dump_yaml(cfg))
+    stages, fps, todo = _Stages(out), _fingerprints(cfg), {s for s, ok in steps if not ok}
+    timings: dict[str, float] = {}
+
+    def stage(name: str, fn):
+        if name not in todo:
+            log.info("stage %s: up to date", name)
+            return None
+        log.info("stage %s ...", name)
+        t0 = time.time()
+        value = fn()
+        timings[name] = round(time.time() - t0, 2)
+        stages.mark(name, fps[name])
+        return value
+
+    from .embed import load_embeddings
+
+    stage("manifest", lambda: _manifest_stage(cfg, out, progress))
+
+    def features():
+        from .features import build_cache
+
+        build_cache(out / "manifest.csv", out / "cache", cfg.features, progress=progress,
+                    overwrite="features" in todo and (out / "cache" / "index.csv").exists())
+
+    stage("features", features)
+
+    def train_stage():
+        from .train import is_run_dir, train
+
+        run = out / "run"
+        if is_run_dir(run) and "train" in todo and stages.done.get("train") not in (None, fps["train"]):
+            raise Tile2AudioError(f"{run} was trained with other settings; move it away or use another -o")
+        train(out / "cache", run, cfg.training, resume=is_run_dir(run), exact=True, progress=progress)
+
+    stage("train", train_stage)
+    stage("embed", lambda: _embed_stage(cfg, out, progress))
+    entries = [load_embeddings(out / "run" / "embeddings" / "trained"),
+               load_embeddings(out / "run" / "embeddings" / "random")]
+    for extra in extra_runs:
+        entries.append(_embeddings_for_run(Path(extra), out / "cache", cfg, progress))
+
+    def probe():
+        from .probes import run_probes
+
+        result = run_probes(entries + [mfcc_baseline(out / "cache", progress)], cfg.probe, progress=progress)
+        atomic.write_json(out / "probe" / "probe.json", result)
+
+    def cluster():
+        from .clusters import cluster_embeddings
+
+        cluster_embeddings(entries[0], cfg.cluster, out / "cluster")
+
+    stage("probe", probe)
+    stage("cluster", cluster)
+
+    def report():
+        from .report import make_report
+        from .train import read_run
+
+        probe_result = json.loads((out / "probe" / "probe.json").read_text())
+        cluster_result = json.loads((out / "cluster" / "cluster.json").read_text())
+        run_info = read_run(out / "run")
+        extra = {"experiment": cfg.name, "train_seconds": run_info.get("train_seconds"),
+                 "steps": run_info.get("step"), "label_free": run_info.get("label_free"),
+                 "config": to_dict(cfg), "stage_seconds": timings}
+        return make_report(entries, out / "report", cfg.probe, cfg.cluster, title=f"tile2audio: {cfg.name}",
+                           probe_result=probe_result, cluster_result=cluster_result, extra=extra)
+
+    stage("report", report)
+    report_path = out / "report" / "report.md"
+    _summary(out, report_path)
+    return report_path
+
+
+def _summary(out: Path, report_path: Path) -> None:
+    """Print a one-screen summary of the probe table."""
+    probe = out / "probe" / "probe.json"
+    if not probe.is_file():
+        return
+    rows = json.loads(probe.read_text())["rows"]
+    print(f"\n{'entry':42s} {'kind':10s} {'probe':14s} {'accuracy':>15s} {'macro-F1':>15s}")
+    for r in rows:
+        print(f"{r['name'][:42]:42s} {r['kind']:10s} {r['probe']:14s} "
+              f"{r['accuracy']:.3f} ± {r.get('accuracy_std', 0):.3f}  {r['macro_f1']:.3f} ± {r.get('macro_f1_std', 0):.3f}")
+    print(f"\nreport: {report_path}")
+
+
+def _embeddings_for_run(run_dir: Path, cache: Path, cfg: ExperimentConfig, progress: bool):
+    """Embeddings of ``cache`` by another run (written inside that run's folder)."""
+    from .embed import embed, load_embeddings
+
+    target = run_dir / "embeddings" / f"on-{_fingerprint(str(Path(cache).resolve()))}"
+    if (target / "clip_embeddings.npz").is_file():
+        return load_embeddings(target)
+    try:
+        return embed(run_dir, cache, target, skip_existing=True, batch_size=cfg.embed.batch_size,
+                     progress=progress)
+    except Tile2AudioError:
+        # Another run may use other feature parameters: go through the audio instead.
+        return embed(run_dir, cache / ".." / "manifest.csv", target, skip_existing=True,
+                     batch_size=cfg.embed.batch_size, progress=progress)
+
+
+def report_runs(run_dirs: Sequence[str | os.PathLike], out: str | os.PathLike,
+                cfg: ExperimentConfig | None = None, progress: bool = True) -> Path:
+    """``tile2audio report``: probe and cluster runs on the first run's cache, with baselines.
+
+    The first run's cache defines the clips and the splits. Each run is embedded on it
+    (cached under the run's ``embeddings/``); the first run's initial weights give the
+    random-weight baseline and the cache's audio gives the MFCC baseline.
+    """
+    from .clusters import cluster_embeddings
+    from .probes import run_probes
+    from .report import make_report
+    from .train import read_run
+
+    cfg = cfg or ExperimentConfig()
+    runs = [Path(r) for r in run_dirs]
+    cache = Path(read_run(runs[0])["cache"])
+    entries = [_embeddings_for_run(r, cache, cfg, progress) for r in runs]
+    from .embed import embed, load_embeddings
+
+    rnd = runs[0] / "embeddings" / "random"
+    entries.append(load_embeddings(rnd) if (rnd / "clip_embeddings.npz").is_file() else
+                   embed(runs[0], cache, rnd, weights="init", skip_existing=True, progress=progress))
+    entries.append(mfcc_baseline(cache, progress))
+    out = Path(out)
+    probe_result = run_probes(entries, cfg.probe, progress=progress)
+    cluster_result = cluster_embeddings(entries[0], cfg.cluster, out)
+    extra = {"runs": [str(r) for r in runs],
+             "train_seconds": {r.name: read_run(r).get("train_seconds") for r in runs}}
+    return make_report(entries, out, cfg.probe, cfg.cluster, probe_result=probe_result,
+                       cluster_result=cluster_result, extra=extra)
+
+
+def demo(out: str | os.PathLike = "tile2audio-demo", overrides: Sequence[str] = (),
+         progress: bool = True) -> Path:
+    """``tile2audio demo``: the whole pipeline on the built-in synthetic data.
+
+    Returns the path of the report.
+    """
+    cfg = experiment_from_dict(merge(DEMO_CONFIG, parse_overrides(overrides)))
+    return run_experiment(cfg, out, progress=progress)

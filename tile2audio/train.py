@@ -1,0 +1,547 @@
+"""Label-free training: Keras ``fit`` with a triplet train step, checkpoints and resume.
+
+A run directory (see docs/architecture.md) holds the resolved ``config.yaml``, the
+cache's feature parameters (``features.json``), ``run.json`` (status and step),
+``encoder_init.keras`` (the encoder before training: the random-weight baseline with the
+same seed), ``encoder.keras`` (the trained encoder), ``checkpoints/`` and ``log.csv``.
+
+Resume rule: a checkpoint (weights, optimizer state and step) is written every
+``train.checkpoint_every_steps`` steps and at the end of every epoch. ``resume=True``
+restores the newest one and continues the triplet stream at that step (the sampler is a
+pure function of seed and step), so a killed and resumed run ends at the same step count
+as an uninterrupted one and sees the same batches.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import atomic
+from .config import TrainingConfig, dump_yaml, read_yaml, training_from_dict
+from .errors import Tile2AudioError
+
+log = logging.getLogger(__name__)
+
+LOG_KEYS = ("loss", "triplet", "mse", "l2", "active_fraction", "d_an", "d_ao", "spread")
+
+
+# --------------------------------------------------------------------------- run directory
+
+
+def run_name(config: TrainingConfig, when: float | None = None, stamp: str | None = None) -> str:
+    """A run directory name from the key hyperparameters, the seed and the time.
+
+    Workers of a multi-worker run pass a shared ``stamp`` instead of the time, so they
+    agree on the name.
+    """
+    m, t, s, lo = config.model, config.tiles, config.sampler, config.loss
+    stamp = stamp or time.strftime("%Y%m%d-%H%M%S", time.localtime(when))
+    return (
+        f"{m.encoder}-d{m.embedding_dim}-t{t.tile_seconds:g}s-{s.mode}-{lo.negatives}"
+        f"-m{lo.margin:g}-s{config.train.seed}-{stamp}"
+    )
+
+
+def is_run_dir(path: str | os.PathLike) -> bool:
+    """True if ``path`` holds a run (a ``config.yaml`` and a ``run.json``)."""
+    return (Path(path) / "config.yaml").is_file() and (Path(path) / "run.json").is_file()
+
+
+def latest_run(parent: str | os.PathLike) -> Path | None:
+    """The most recently modified run directory directly under ``parent``, if any."""
+    runs = [p for p in Path(parent).iterdir() if p.is_dir() and is_run_dir(p)] if Path(parent).is_dir() else []
+    return max(runs, key=lambda p: (p / "run.json").stat().st_mtime) if runs else None
+
+
+def read_run(run_dir: str | os.PathLike) -> dict:
+    """``run.json`` of a run directory, with a clear error when it is not one."""
+    run_dir = Path(run_dir)
+    if not is_run_dir(run_dir):
+        raise Tile2AudioError(f"{run_dir} is not a tile2audio run directory (no config.yaml / run.json)")
+    return json.loads((run_dir / "run.json").read_text(encoding="utf-8"))
+
+
+def load_run_config(run_dir: str | os.PathLike) -> TrainingConfig:
+    """The resolved training config saved in a run directory."""
+    return training_from_dict(read_yaml(Path(run_dir) / "config.yaml"))
+
+
+def _resolve_run_dir(out: Path, config: TrainingConfig, resume: bool, exact: bool,
+                     stamp: str | None = None) -> tuple[Path, bool]:
+    """Pick the run directory; returns (run_dir, resuming)."""
+    if is_run_dir(out):
+        if not resume:
+            raise Tile2AudioError(f"{out} already holds a run; pass --resume to continue it or choose another -o")
+        return out, True
+    if resume and not exact:
+        found = latest_run(out)
+        if found is None:
+            raise Tile2AudioError(f"--resume: no run directory found in {out}")
+        return found, True
+    if exact:
+        return out, False
+    return out / run_name(config, stamp=stamp), False
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def _checkpoint_dirs(run_dir: Path) -> list[Path]:
+    """Complete checkpoints, oldest first."""
+    root = run_dir / "checkpoints"
+    if not root.is_dir():
+        return []
+    done = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_") and (p / "state.json").is_file()]
+    return sorted(done, key=lambda p: int(p.name.split("_")[1]))
+
+
+def save_checkpoint(run_dir: Path, model: Any, optimizer: Any, step: int, keep: int = 2) -> Path:
+    """Write weights, optimizer variables and the step atomically (a temp dir renamed)."""
+    root = run_dir / "checkpoints"
+    final = root / f"step_{step:09d}"
+    if (final / "state.json").is_file():
+        return final
+    tmp = root / f".tmp_step_{step:09d}_{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    model.save_weights(str(tmp / "model.weights.h5"))
+    opt_vars = {f"v{i:05d}": np.asarray(v.numpy()) for i, v in enumerate(optimizer.variables)}
+    atomic.save_npz(tmp / "optimizer.npz", **opt_vars)
+    atomic.write_json(tmp / "state.json", {"step": int(step), "n_optimizer_vars": len(opt_vars)})
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    for old in _checkpoint_dirs(run_dir)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def restore_checkpoint(ckpt: Path, model: Any, optimizer: Any) -> int:
+    """Load a checkpoint written by :func:`save_checkpoint`; returns its step."""
+    model.load_weights(str(ckpt / "model.weights.h5"))
+    optimizer.build(model.trainable_variables)
+    with np.load(ckpt / "optimizer.npz", allow_pickle=False) as z:
+        values = [z[k] for k in sorted(z.files)]
+    if len(values) != len(optimizer.variables):
+        raise Tile2AudioError(
+            f"checkpoint {ckpt} has {len(values)} optimizer variables, the model needs {len(optimizer.variables)}"
+        )
+    for var, value in zip(optimizer.variables, values):
+        var.assign(value)
+    return int(json.loads((ckpt / "state.json").read_text())["step"])
+
+
+# --------------------------------------------------------------------------- strategy
+
+
+def make_strategy(name: str = "auto"):
+    """A ``tf.distribute`` strategy: ``one``, ``mirrored``, ``multiworker`` or ``auto``.
+
+    ``auto`` picks MultiWorkerMirroredStrategy when ``TF_CONFIG`` names more than one
+    worker, MirroredStrategy when more than one GPU is visible, else the default.
+    """
+    import tensorflow as tf
+
+    if name == "auto":
+        cluster = json.loads(os.environ.get("TF_CONFIG", "{}")).get("cluster", {})
+        n_workers = len(cluster.get("worker", [])) + len(cluster.get("chief", []))
+        if n_workers > 1:
+            name = "multiworker"
+        elif len(tf.config.list_logical_devices("GPU")) > 1:
+            name = "mirrored"
+        else:
+            name = "one"
+    if name == "one":
+        return tf.distribute.get_strategy()
+    if name == "mirrored":
+        return tf.distribute.MirroredStrategy()
+    if name == "multiworker":
+        if "TF_CONFIG" not in os.environ:
+            raise Tile2AudioError("--strategy multiworker needs the TF_CONFIG environment variable (see README)")
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    raise Tile2AudioError(f"unknown strategy {name!r}; use auto, one, mirrored or multiworker")
+
+
+def _worker_info(strategy) -> tuple[int, int, bool]:
+    """(worker index, number of workers, is chief) for the strategy in use."""
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None or not getattr(resolver, "cluster_spec", None):
+        return 0, 1, True
+    spec = resolver.cluster_spec().as_dict()
+    n = sum(len(v) for k, v in spec.items() if k in ("worker", "chief"))
+    task_type, task_id = resolver.task_type, resolver.task_id or 0
+    index = task_id + (1 if "chief" in spec and task_type == "worker" else 0)
+    chief = (task_type == "chief") or (task_type == "worker" and task_id == 0 and "chief" not in spec)
+    return index, max(n, 1), chief
+
+
+# --------------------------------------------------------------------------- model
+
+
+def _build_triplet_model(config: TrainingConfig, tile_shape: tuple[int, int, int], normalize: str):
+    """The Keras model that owns the train step (encoder + optional decoder)."""
+    import keras
+    import tensorflow as tf
+
+    from .losses import compute_losses
+    from .models import build_decoder, build_encoder
+
+    loss_cfg = config.loss
+    strategy = tf.distribute.get_strategy()
+    extended = getattr(strategy, "extended", None)
+    multi_worker = bool(getattr(extended, "_in_multi_worker_mode", lambda: False)())
+
+    class TripletModel(keras.Model):
+        """Encoder (+ decoder) trained with the triplet (+ MSE) loss in a custom step."""
+
+        def __init__(self, encoder, decoder=None, **kwargs):
+            super().__init__(**kwargs)
+            self.encoder = encoder
+            self.decoder = decoder
+            self.trackers = {k: keras.metrics.Mean(name=k) for k in LOG_KEYS}
+
+        def call(self, x, training=False):
+            return self.encoder(x, training=training)
+
+        @property
+        def metrics(self):
+            return list(self.trackers.values())
+
+        def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+            # Under a distribution strategy Keras 3 builds symbolically from a batch it
+            # takes off the iterator (and fails to reduce dict batches). The model and
+            # optimizer are built before fit, so that batch would only be lost.
+            if self.built and self.optimizer is not None and self.optimizer.built:
+                return
+            super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)
+
+        def train_step(self, data):
+            xa, xn, xo = data["anchor"], data["neighbour"], data["opposite"]
+            n = tf.shape(xa)[0]
+            replicas = tf.distribute.get_strategy().num_replicas_in_sync
+            with tf.GradientTape() as tape:
+                # One pass over the three tiles: faster, and batch norm sees all of them.
+                z = self.encoder(tf.concat([xa, xn, xo], axis=0), training=True)
+                za, zn, zo = z[:n], z[n : 2 * n], z[2 * n :]
+                recon = None
+                if self.decoder is not None:
+                    r = self.decoder(z, training=True)
+                    recon = (r[:n], r[n : 2 * n], r[2 * n :])
+                out = compute_losses(loss_cfg, za, zn, zo, data, reconstructions=recon, tiles=(xa, xn, xo))
+                # Gradients are summed over replicas, so each replica contributes its share.
+                scaled = out["loss"] / tf.cast(replicas, out["loss"].dtype)
+            grads = tape.gradient(scaled, self.trainable_variables)
+            self.optimizer.apply(grads, self.trainable_variables)
+            for k, tracker in self.trackers.items():
+                tracker.update_state(out[k])
+            results = {k: t.result() for k, t in self.trackers.items()}
+            if multi_worker:
+                # Keras reduces multi-worker step outputs along axis 0, which a scalar lacks.
+                results = {k: tf.reshape(v, [1]) for k, v in results.items()}
+            return results
+
+    seed = config.train.seed
+    encoder = build_encoder(config.model, tile_shape, seed=seed)
+    decoder = None
+    if config.model.decoder or config.loss.mse_weight > 0:
+        activation = "sigmoid" if normalize == "minmax" else "linear"
+        decoder = build_decoder(config.model, tile_shape, output_activation=activation, seed=seed + 1)
+    model = TripletModel(encoder, decoder)
+    return model
+
+
+def _optimizer(config: TrainingConfig):
+    """Adam with a constant or warmup + cosine learning rate."""
+    import keras
+
+    t = config.train
+    lr: Any = t.learning_rate
+    if t.lr_schedule == "cosine":
+        decay_steps = max(1, t.total_steps - t.warmup_steps)
+        lr = keras.optimizers.schedules.CosineDecay(
+            initial_learning_rate=0.0 if t.warmup_steps else t.learning_rate,
+            decay_steps=decay_steps,
+            alpha=0.0,
+            warmup_target=t.learning_rate if t.warmup_steps else None,
+            warmup_steps=t.warmup_steps,
+        )
+    elif t.warmup_steps:
+        lr = keras.optimizers.schedules.CosineDecay(
+            initial_learning_rate=0.0, decay_steps=1, alpha=1.0,
+            warmup_target=t.learning_rate, warmup_steps=t.warmup_steps,
+        )
+    return keras.optimizers.Adam(learning_rate=lr)
+
+
+def save_keras_atomic(model: Any, path: Path) -> None:
+    """``model.save`` to a temporary ``.keras`` file, then rename it onto ``path``."""
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.keras")
+    model.save(str(tmp))
+    os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------- callbacks
+
+
+def _callbacks(run_dir: Path, model, config: TrainingConfig, chief: bool, probe_fn, progress_state: dict):
+    """Checkpoint, collapse warning, probe, CSV and TensorBoard callbacks."""
+    import keras
+
+    t = config.train
+
+    class Checkpointer(keras.callbacks.Callback):
+        """Checkpoint every N steps and at each epoch end (chief only)."""
+
+        def on_train_batch_end(self, batch, logs=None):
+            step = int(model.optimizer.iterations.numpy())
+            if chief and t.checkpoint_every_steps and step % t.checkpoint_every_steps == 0:
+                save_checkpoint(run_dir, model, model.optimizer, step)
+            progress_state["step"] = step
+
+        def on_epoch_end(self, epoch, logs=None):
+            step = int(model.optimizer.iterations.numpy())
+            if chief:
+                save_checkpoint(run_dir, model, model.optimizer, step)
+                _update_run_json(run_dir, step=step, epoch=epoch + 1, status="training")
+
+    class Monitor(keras.callbacks.Callback):
+        """Warn on collapse; add the optional probe accuracy and the learning rate to the logs."""
+
+        def on_epoch_end(self, epoch, logs=None):
+            logs = logs if logs is not None else {}
+            spread = logs.get("spread")
+            if spread is not None and spread < t.collapse_threshold:
+                log.warning(
+                    "epoch %d: embedding spread across the batch is %.2e (< %.0e): the embeddings are "
+                    "collapsing; lower the learning rate or the margin, or use more negatives",
+                    epoch + 1, spread, t.collapse_threshold,
+                )
+            lr = model.optimizer.learning_rate
+            logs["learning_rate"] = float(lr.numpy() if hasattr(lr, "numpy") else lr)
+            logs["step"] = int(model.optimizer.iterations.numpy())
+            if probe_fn is not None:
+                do = t.probe_every_epochs and (epoch + 1) % t.probe_every_epochs == 0
+                logs["probe_accuracy"] = float(probe_fn(model.encoder)) if do else float("nan")
+                if do:
+                    log.info("epoch %d: probe accuracy %.3f", epoch + 1, logs["probe_accuracy"])
+
+    cbs = [Checkpointer(), Monitor()]
+    if chief:
+        cbs.append(keras.callbacks.CSVLogger(str(run_dir / "log.csv"), append=True))
+        cbs.append(keras.callbacks.TensorBoard(log_dir=str(run_dir / "tensorboard"), write_graph=False))
+    return cbs
+
+
+def _update_run_json(run_dir: Path, **fields: Any) -> None:
+    """Merge fields into run.json atomically."""
+    path = run_dir / "run.json"
+    data = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    data.update(fields)
+    atomic.write_json(path, data)
+
+
+def _make_probe_fn(cache, config: TrainingConfig, max_clips: int = 300):
+    """A function encoder -> held-out logistic-probe accuracy, or None without labels."""
+    labels = cache.index["label"].astype(str)
+    if (labels == "").all() or labels[labels != ""].nunique() < 2:
+        log.info("probe callback off: the cache has no labels")
+        return None
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import StratifiedGroupKFold
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    from .embed import embed_frames
+    from .tiles import TileGeometry
+
+    rng = np.random.default_rng(config.train.seed)
+    idx = cache.index[labels != ""]
+    if len(idx) > max_clips:
+        idx = idx.iloc[np.sort(rng.choice(len(idx), max_clips, replace=False))]
+    geometry = TileGeometry.from_config(config.tiles, cache.frames_per_second)
+    groups = [g or c for g, c in zip(idx["group"].astype(str), idx["clip_id"])]
+    y = idx["label"].astype(str).to_numpy()
+    frames = [cache.frames(c) for c in idx["clip_id"]]
+
+    def probe(encoder) -> float:
+        X = np.stack([embed_frames(encoder, f, geometry)[0].mean(axis=0) for f in frames])
+        n_splits = int(min(2, np.bincount(np.unique(y, return_inverse=True)[1]).min()))
+        if n_splits < 2:
+            return float("nan")
+        tr, te = next(StratifiedGroupKFold(n_splits=2, shuffle=True, random_state=0).split(X, y, groups))
+        clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000))
+        clf.fit(X[tr], y[tr])
+        return float((clf.predict(X[te]) == y[te]).mean())
+
+    return probe
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def train(
+    cache: str | os.PathLike,
+    out: str | os.PathLike,
+    config: TrainingConfig | None = None,
+    *,
+    resume: bool = False,
+    exact: bool = False,
+    strategy: str | None = None,
+    progress: bool = True,
+) -> Path:
+    """Train an encoder on a feature cache without labels.
+
+    Parameters
+    ----------
+    cache : path
+        A feature cache written by :func:`tile2audio.features.build_cache`.
+    out : path
+        Where runs go: a new run directory named by :func:`run_name` is made inside it.
+        If ``out`` already is a run directory (or ``exact=True``), it is used as is.
+    config : TrainingConfig, optional
+        Defaults to ``TrainingConfig()``. When resuming, the run's saved config is used.
+    resume : bool
+        Continue the newest checkpoint of the run (``out``, or the newest run in ``out``).
+    exact : bool
+        Treat ``out`` as the run directory itself.
+    strategy : str, optional
+        ``auto``, ``one``, ``mirrored`` or ``multiworker``; defaults to ``train.strategy``.
+    progress : bool
+        Show Keras's progress bar.
+
+    Returns
+    -------
+    Path
+        The run directory, holding ``encoder.keras`` when training finished.
+    """
+    import keras
+    import tensorflow as tf
+
+    from .features import open_cache
+    from .sampler import TripletSampler
+
+    config = config or TrainingConfig()
+    # MultiWorkerMirroredStrategy must exist before any other TensorFlow op runs.
+    strat = make_strategy(strategy or config.train.strategy)
+    worker, n_workers, chief = _worker_info(strat)
+    out = Path(out)
+    run_dir, resuming = _resolve_run_dir(out, config, resume, exact, stamp="multiworker" if n_workers > 1 else None)
+    if resuming and is_run_dir(run_dir):
+        saved = load_run_config(run_dir)
+        if saved != config and config != TrainingConfig():
+            log.warning("resuming %s with its saved config; the config given now is ignored", run_dir)
+        config = saved
+        cache = read_run(run_dir).get("cache", cache)
+    fc = open_cache(cache)
+    if config.sampler.mode == "supervised" and (fc.index["label"].astype(str) == "").all():
+        raise Tile2AudioError("sampler.mode 'supervised' needs labels, and the cache has none")
+    t = config.train
+    keras.utils.set_random_seed(t.seed)
+    # Non-chief workers keep their own copy of the outputs, so nothing is written twice.
+    own_dir = run_dir if chief else run_dir / f"worker_{worker}"
+    own_dir.mkdir(parents=True, exist_ok=True)
+    if not is_run_dir(own_dir):
+        atomic.write_text(own_dir / "config.yaml", dump_yaml(config))
+        shutil.copyfile(Path(fc.path) / "params.json", own_dir / "features.json")
+        atomic.write_json(
+            own_dir / "run.json",
+            {"cache": str(Path(fc.path).resolve()), "status": "started", "step": 0, "epoch": 0,
+             "label_free": config.sampler.label_free, "mode": config.sampler.mode,
+             "encoder": config.model.encoder, "seed": t.seed, "workers": n_workers, "train_seconds": 0.0},
+        )
+    log.info("run directory: %s", own_dir)
+
+    replicas = strat.num_replicas_in_sync
+    if t.batch_size % replicas:
+        raise Tile2AudioError(f"train.batch_size {t.batch_size} is not divisible by {replicas} replicas")
+
+    def sampler_for(worker_index: int, workers: int, batch: int):
+        return TripletSampler(fc, config.tiles, config.sampler, batch_size=batch, seed=t.seed,
+                              worker_index=worker_index, num_workers=workers)
+
+    local_sampler = sampler_for(worker, n_workers, t.batch_size // n_workers)
+    tile_shape = tuple(local_sampler.tile_shape)
+
+    with strat.scope():
+        model = _build_triplet_model(config, tile_shape, fc.params.normalize)
+        model(np.zeros((1,) + tile_shape, np.float32))
+        model.compile(optimizer=_optimizer(config))
+        model.optimizer.build(model.trainable_variables)
+
+    if not (own_dir / "encoder_init.keras").is_file():
+        save_keras_atomic(model.encoder, own_dir / "encoder_init.keras")
+
+    step = 0
+    if resuming:
+        ckpts = _checkpoint_dirs(run_dir)
+        if ckpts:
+            step = restore_checkpoint(ckpts[-1], model, model.optimizer)
+            log.info("resumed from %s (step %d)", ckpts[-1].name, step)
+        else:
+            log.warning("no checkpoint in %s: starting from step 0", run_dir)
+    total = t.total_steps
+    if step >= total and (run_dir / "encoder.keras").is_file():
+        log.info("run %s is already complete (%d steps)", run_dir, step)
+        return run_dir
+
+    def dataset_from(start: int):
+        if n_workers == 1 and replicas == 1:
+            return local_sampler.dataset(start_step=start)
+
+        def per_worker(ctx):
+            s = sampler_for(ctx.input_pipeline_id, ctx.num_input_pipelines, ctx.get_per_replica_batch_size(t.batch_size))
+            return s.dataset(start_step=start)
+
+        return strat.distribute_datasets_from_function(per_worker)
+
+    probe_fn = _make_probe_fn(fc, config) if t.probe_every_epochs and chief else None
+    state = {"step": step}
+    callbacks = _callbacks(run_dir, model, config, chief, probe_fn, state)
+    started = time.time()
+    epoch, offset = divmod(step, t.steps_per_epoch)
+    verbose = 1 if progress else 2
+    if offset:
+        # Finish the interrupted epoch first, then run whole epochs.
+        model.fit(dataset_from(step), epochs=epoch + 1, initial_epoch=epoch,
+                  steps_per_epoch=t.steps_per_epoch - offset, callbacks=callbacks, verbose=verbose, shuffle=False)
+        epoch += 1
+    if epoch < t.epochs:
+        model.fit(dataset_from(epoch * t.steps_per_epoch), epochs=t.epochs, initial_epoch=epoch,
+                  steps_per_epoch=t.steps_per_epoch, callbacks=callbacks, verbose=verbose, shuffle=False)
+    elapsed = time.time() - started
+
+    save_keras_atomic(model.encoder, own_dir / "encoder.keras")
+    previous = read_run(own_dir).get("train_seconds", 0.0)
+    _update_run_json(own_dir, status="complete", step=int(model.optimizer.iterations.numpy()),
+                     epoch=t.epochs, train_seconds=round(previous + elapsed, 2))
+    log.info("training finished: %s (%.1f s)", own_dir / "encoder.keras", elapsed)
+    return own_dir
+
+
+def load_encoder(run_dir: str | os.PathLike, weights: str = "trained"):
+    """Load a run's encoder with Keras safe mode.
+
+    Parameters
+    ----------
+    run_dir : path
+    weights : ``trained`` (``encoder.keras``) or ``init`` (``encoder_init.keras``, the
+        same architecture with its random initial weights)
+    """
+    import keras
+
+    from . import models  # noqa: F401  (registers custom layers before loading)
+
+    name = {"trained": "encoder.keras", "init": "encoder_init.keras"}.get(weights)
+    if name is None:
+        raise Tile2AudioError(f"weights must be 'trained' or 'init', got {weights!r}")
+    path = Path(run_dir) / name
+    if not path.is_file():
+        raise Tile2AudioError(f"{path} not found: has the run finished training?")
+    return keras.saving.load_model(str(path), safe_mode=True, compile=False)
