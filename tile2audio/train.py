@@ -253,8 +253,25 @@ def _build_triplet_model(config: TrainingConfig, tile_shape: tuple[int, int, int
     if config.model.decoder or config.loss.mse_weight > 0:
         activation = "sigmoid" if normalize == "minmax" else "linear"
         decoder = build_decoder(config.model, tile_shape, output_activation=activation, seed=seed + 1)
-    model = TripletModel(encoder, decoder)
-    return model
+    if strategy.num_replicas_in_sync > 1:
+        # Batch statistics over all replicas: every worker then holds the same moving
+        # averages, and each replica's small batch does not skew them.
+        for net in (encoder, decoder):
+            for layer in _all_layers(net):
+                if isinstance(layer, keras.layers.BatchNormalization):
+                    layer.synchronized = True
+    return TripletModel(encoder, decoder)
+
+
+def _all_layers(model) -> list:
+    """Every layer of a (possibly nested) Keras model; [] for None."""
+    if model is None:
+        return []
+    out = []
+    for layer in getattr(model, "layers", []):
+        out.append(layer)
+        out.extend(_all_layers(layer) if hasattr(layer, "layers") else [])
+    return out
 
 
 def _optimizer(config: TrainingConfig):
