@@ -1,0 +1,475 @@
+"""Benchmark report: probe tables, k-means analysis and figures, as JSON then Markdown.
+
+``report.json`` is the machine-readable source; ``report.md`` is rendered from it by
+:func:`render_markdown` (so a report can be re-rendered from its JSON alone). Figures
+are PNGs beside them, drawn with matplotlib's Agg backend:
+
+``confusion.png``
+    the logistic-regression confusion matrix (summed over folds) of the best trained
+    entry (highest macro-F1; the best entry of any kind when none is ``trained``);
+``embedding_map.png``
+    a 2-D map of that entry's clip embeddings coloured by label: UMAP when umap-learn
+    is installed, t-SNE otherwise (the title says which);
+``kmeans_curves.png``
+    elbow and silhouette curves of that entry (see :mod:`tile2audio.clusters`).
+
+Entries whose kind is ``supervised`` (or whose ``label_free`` is false) are marked in
+every table: they used labels during training, so they are a reference, not a
+label-free result.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from . import atomic
+from .clusters import cluster_embeddings, cluster_features, cluster_sweep, plot_curves
+from .config import ClusterConfig, ProbeConfig, to_dict
+from .errors import Tile2AudioError
+from .probes import run_probes
+
+log = logging.getLogger(__name__)
+
+BASELINE_KINDS = ("random", "mfcc")
+PROBE_TITLES = {"logreg": "logistic regression", "knn_cosine": "k-NN (cosine)",
+                "knn_euclidean": "k-NN (Euclidean)", "svm": "linear SVM"}
+
+
+# --------------------------------------------------------------------------- choice
+
+
+def best_entry_name(rows: list[dict]) -> str | None:
+    """Name of the entry whose logistic-regression macro-F1 is highest, trained first.
+
+    Parameters
+    ----------
+    rows : probe rows (``name, kind, probe, macro_f1, accuracy``)
+
+    Returns
+    -------
+    str or None
+        Among ``trained`` rows if any, else among every row; None without logreg rows.
+    """
+    logreg = [r for r in rows if r["probe"] == "logreg"]
+    pool = [r for r in logreg if r["kind"] == "trained"] or logreg
+    if not pool:
+        return None
+    return max(pool, key=lambda r: (r["macro_f1"], r["accuracy"]))["name"]
+
+
+def _entry_by_name(entries: Sequence, name: str | None):
+    """The entry called ``name`` (the first entry when there is none)."""
+    for e in entries:
+        if e.name == name:
+            return e
+    return entries[0]
+
+
+# --------------------------------------------------------------------------- figures
+
+
+def _pyplot():
+    """matplotlib.pyplot on the Agg backend."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: Path) -> None:
+    """Save a figure atomically as PNG and close it."""
+    with atomic.atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+    _pyplot().close(fig)
+
+
+def plot_confusion(confusion: list, labels: list[str], path: str | Path, title: str) -> Path:
+    """Confusion matrix: colour is the fraction of the true class, text the count.
+
+    Parameters
+    ----------
+    confusion : (L, L) counts, rows true labels, columns predicted
+    labels : the L label names
+    path : output .png
+    title : figure title
+
+    Returns
+    -------
+    Path
+    """
+    plt = _pyplot()
+    cm = np.asarray(confusion, dtype=float)
+    frac = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
+    size = max(5.0, 0.55 * len(labels) + 2.5)
+    fig, ax = plt.subplots(figsize=(size + 1, size))
+    im = ax.imshow(frac, cmap="Blues", vmin=0, vmax=1)
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="fraction of the true class")
+    ticks = np.arange(len(labels))
+    ax.set_xticks(ticks, labels, rotation=45, ha="right")
+    ax.set_yticks(ticks, labels)
+    ax.set_xlabel("predicted label")
+    ax.set_ylabel("true label")
+    for i in range(len(labels)):
+        for j in range(len(labels)):
+            ax.text(j, i, f"{int(cm[i, j])}", ha="center", va="center", fontsize=8,
+                    color="white" if frac[i, j] > 0.5 else "black")
+    ax.set_title(title)
+    path = Path(path)
+    _save(fig, path)
+    return path
+
+
+def _project_2d(X: np.ndarray, seed: int) -> tuple[np.ndarray, str]:
+    """2-D coordinates of standardised rows: UMAP when installed, else t-SNE."""
+    from sklearn.preprocessing import StandardScaler
+    from threadpoolctl import threadpool_limits
+
+    X = StandardScaler().fit_transform(np.asarray(X, dtype=np.float64))
+    with threadpool_limits(1 if X.size < 2_000_000 else None):  # small: threads cost more than they save
+        return _project(X, seed)
+
+
+def _project(X: np.ndarray, seed: int) -> tuple[np.ndarray, str]:
+    """PCA to 50 dimensions when wider, then UMAP or t-SNE to 2."""
+    from sklearn.decomposition import PCA
+
+    if X.shape[1] > 50 and X.shape[0] > 50:
+        X = PCA(n_components=50, random_state=seed).fit_transform(X)
+    try:
+        import umap  # optional dependency
+
+        return umap.UMAP(n_components=2, random_state=seed).fit_transform(X), "UMAP"
+    except ImportError:
+        from sklearn.manifold import TSNE
+
+        perplexity = float(min(30.0, max(2.0, (X.shape[0] - 1) / 3)))
+        tsne = TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed)
+        return tsne.fit_transform(X), "t-SNE"
+
+
+def plot_embedding_map(X: np.ndarray, labels: np.ndarray, path: str | Path, name: str,
+                       pooling: str = "mean", seed: int = 0) -> tuple[Path, str]:
+    """2-D map of clip embeddings coloured by label.
+
+    Parameters
+    ----------
+    X : np.ndarray, shape (n_clips, D)
+    labels : np.ndarray of str, shape (n_clips,); "" is drawn grey as "(no label)"
+    path : output .png
+    name, pooling : for the title
+    seed : projection seed
+
+    Returns
+    -------
+    (Path, str)
+        The PNG and the method used (``UMAP`` or ``t-SNE``).
+    """
+    plt = _pyplot()
+    X = np.asarray(X)
+    keep = np.isfinite(X).all(axis=1)
+    X, labels = X[keep], np.asarray(labels).astype(str)[keep]
+    if len(X) < 5:
+        raise Tile2AudioError(f"an embedding map needs at least 5 clips, got {len(X)}")
+    xy, method = _project_2d(X, seed)
+    names = sorted(set(labels) - {""})
+    cmap = plt.get_cmap("tab10" if len(names) <= 10 else "tab20")
+    fig, ax = plt.subplots(figsize=(8, 6.5))
+    if (labels == "").any():
+        m = labels == ""
+        ax.scatter(xy[m, 0], xy[m, 1], s=12, c="lightgrey", label="(no label)")
+    for i, lab in enumerate(names):
+        m = labels == lab
+        ax.scatter(xy[m, 0], xy[m, 1], s=14, color=cmap(i % cmap.N), label=lab, alpha=0.85)
+    ax.set_xlabel(f"{method} 1")
+    ax.set_ylabel(f"{method} 2")
+    ax.set_title(f"{method} of {name} clip embeddings ({pooling} pooling, {len(X)} clips)")
+    ax.legend(title="label", loc="center left", bbox_to_anchor=(1.01, 0.5), markerscale=1.5)
+    path = Path(path)
+    _save(fig, path)
+    return path, method
+
+
+# --------------------------------------------------------------------------- report
+
+
+def _clean(obj):
+    """JSON-safe copy: numpy to Python, NaN / inf to None."""
+    if isinstance(obj, dict):
+        return {str(k): _clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_clean(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return _clean(obj.tolist())
+    if isinstance(obj, np.generic):
+        obj = obj.item()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+def _cluster_all(entries, config: ClusterConfig, figure_entry, out_dir: Path) -> dict:
+    """Cluster sweep of every entry; the figure entry also writes cluster.json and its curves."""
+    results = []
+    for e in entries:
+        if e is figure_entry:
+            results.append(cluster_embeddings(e, config, out_dir))
+            continue
+        X, labels = cluster_features(e, config)
+        try:
+            r = cluster_sweep(X, labels if (labels != "").any() else None, config)
+        except Tile2AudioError as exc:
+            log.warning("k-means analysis of %s skipped: %s", e.name, exc)
+            continue
+        results.append({"name": e.name, "kind": e.kind, "level": config.level, **r})
+    return {"figure_entry": figure_entry.name, "entries": results}
+
+
+def _wrap_cluster(cluster_result: dict, figure_name: str) -> dict:
+    """Accept a single sweep result or the ``{"entries": [...]}`` form."""
+    if "entries" in cluster_result:
+        return cluster_result
+    return {"figure_entry": cluster_result.get("name", figure_name), "entries": [cluster_result]}
+
+
+def _figures(probe_result, cluster, best, probe_config, out_dir) -> list[dict]:
+    """Draw the confusion matrix, the embedding map and the k-means curves."""
+    figures = []
+    row = next((r for r in probe_result["rows"] if r["name"] == best.name and r["probe"] == "logreg"), None)
+    if row is not None:
+        plot_confusion(row["confusion"], probe_result["labels"], out_dir / "confusion.png",
+                       f"{best.name}: logistic regression, summed over {row['n_folds']} fold(s)")
+        figures.append({"file": "confusion.png", "kind": "confusion",
+                        "caption": f"Confusion matrix of {best.name} (logistic regression, "
+                                   f"{probe_result['protocol']} protocol, counts summed over folds)."})
+    try:
+        _, method = plot_embedding_map(best.pooled(probe_config.pooling), best.clips["label"].to_numpy(),
+                                       out_dir / "embedding_map.png", best.name, probe_config.pooling,
+                                       probe_config.seed)
+        figures.append({"file": "embedding_map.png", "kind": "map", "method": method,
+                        "caption": f"{method} map of {best.name} clip embeddings, coloured by label."})
+    except Tile2AudioError as exc:
+        log.warning("embedding map skipped: %s", exc)
+    fig_res = next((r for r in cluster["entries"] if r.get("name") == cluster["figure_entry"]), None)
+    if fig_res is None and cluster["entries"]:
+        fig_res = cluster["entries"][0]
+    if fig_res is not None:
+        if not (out_dir / "kmeans_curves.png").is_file() or fig_res.get("figure") != "kmeans_curves.png":
+            plot_curves(fig_res, out_dir / "kmeans_curves.png", f"k-means on {fig_res.get('name', '')}")
+        figures.append({"file": "kmeans_curves.png", "kind": "kmeans",
+                        "caption": f"k-means elbow and silhouette curves of {fig_res.get('name', '')}."})
+    return figures
+
+
+def _probe_or_skip(entries, config: ProbeConfig, progress: bool) -> dict:
+    """Run the probes, or an empty result with a note when the clips have no labels."""
+    if not (entries[0].clips["label"].fillna("").astype(str) != "").any():
+        log.warning("no clip has a label: the report has no probe section")
+        return {"protocol": None, "n_folds": 0, "labels": [], "n_clips": 0, "rows": [],
+                "note": "no labels: probes skipped (k-means analysis only)"}
+    return run_probes(entries, config, progress=progress)
+
+
+def make_report(
+    entries: Sequence,
+    out_dir: str | Path,
+    probe_config: ProbeConfig = ProbeConfig(),
+    cluster_config: ClusterConfig = ClusterConfig(),
+    title: str = "tile2audio report",
+    probe_result: dict | None = None,
+    cluster_result: dict | None = None,
+    extra: dict | None = None,
+    progress: bool = True,
+) -> Path:
+    """Probe every entry, cluster them, draw the figures, write report.json and report.md.
+
+    Parameters
+    ----------
+    entries : list of tile2audio.embed.EmbeddingSet
+        Trained runs and baselines (``random``, ``mfcc``); the first entry's clip table
+        defines the probe splits (see :func:`tile2audio.probes.run_probes`).
+    out_dir : folder for report.json, report.md, cluster.json and the PNGs
+    probe_config, cluster_config : settings used when the results are not given
+    title : report title
+    probe_result : a :func:`run_probes` result to reuse instead of probing again
+    cluster_result : a :func:`~tile2audio.clusters.cluster_sweep` /
+        :func:`~tile2audio.clusters.cluster_embeddings` result, or
+        ``{"figure_entry": name, "entries": [result, ...]}``; None clusters every entry
+    extra : dict, e.g. training time or the resolved config; copied into the report
+    progress : show progress bars
+
+    Returns
+    -------
+    Path
+        ``out_dir/report.md``.
+    """
+    if not entries:
+        raise Tile2AudioError("make_report needs at least one embedding set")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if probe_result is None:
+        probe_result = _probe_or_skip(entries, probe_config, progress)
+    best = _entry_by_name(entries, best_entry_name(probe_result["rows"]))
+    if cluster_result is None:
+        cluster = _cluster_all(entries, cluster_config, best, out_dir)
+    else:
+        cluster = _wrap_cluster(cluster_result, best.name)
+    figures = _figures(probe_result, cluster, best, probe_config, out_dir)
+    report = _clean({
+        "title": title,
+        "protocol": probe_result["protocol"],
+        "n_folds": probe_result["n_folds"],
+        "labels": probe_result["labels"],
+        "n_clips": probe_result.get("n_clips"),
+        "dropped_clips": probe_result.get("dropped_clips", []),
+        "splits": probe_result.get("splits", []),
+        "probe_note": probe_result.get("note"),
+        "best_entry": best.name,
+        "entries": [{"name": e.name, "kind": e.kind, "label_free": bool(e.label_free) and e.kind != "supervised",
+                     "n_clips": int(len(e.clips))} for e in entries],
+        "rows": probe_result["rows"],
+        "cluster": cluster,
+        "figures": figures,
+        "config": {"probe": to_dict(probe_config), "cluster": to_dict(cluster_config)},
+        "extra": extra or {},
+    })
+    atomic.write_json(out_dir / "report.json", report)
+    md = out_dir / "report.md"
+    atomic.write_text(md, render_markdown(report))
+    return md
+
+
+# --------------------------------------------------------------------------- markdown
+
+
+def _pm(mean, std) -> str:
+    """``0.812 ± 0.021`` (or an em dash when missing)."""
+    if mean is None:
+        return "—"
+    return f"{mean:.3f} ± {std:.3f}" if std is not None else f"{mean:.3f}"
+
+
+def _num(v, fmt: str = "{:.3f}") -> str:
+    """A number formatted, or an em dash."""
+    return "—" if v is None else fmt.format(v)
+
+
+def _name(row: dict) -> str:
+    """Entry name with a dagger for label-using entries."""
+    return f"{row['name']} †" if not row.get("label_free", True) or row.get("kind") == "supervised" else row["name"]
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    """Markdown table lines."""
+    out = ["| " + " | ".join(header) + " |", "|" + "|".join(" --- " for _ in header) + "|"]
+    return out + ["| " + " | ".join(str(c).replace("|", "\\|") for c in r) + " |" for r in rows]
+
+
+def _probe_section(report: dict) -> list[str]:
+    """The probe table (trained runs and baselines side by side) and its notes."""
+    rows = report["rows"]
+    if not rows:
+        return ["## Probes", "", report.get("probe_note") or "No probe results.", ""]
+    order = {p: i for i, p in enumerate(PROBE_TITLES)}
+    best = {}
+    for r in rows:
+        if r.get("label_free", True) and r.get("macro_f1") is not None:
+            best[r["probe"]] = max(best.get(r["probe"], -1.0), r["macro_f1"])
+    lines = ["## Probes", "",
+             f"Protocol **{report['protocol']}**, {report['n_folds']} fold(s), {report.get('n_clips')} labelled "
+             f"clips, {len(report['labels'])} classes. Mean ± std over folds. Bold: best label-free macro-F1 "
+             "per probe.", ""]
+    table = []
+    for r in sorted(rows, key=lambda r: (order.get(r["probe"], 99), rows.index(r))):
+        f1 = _pm(r["macro_f1"], r.get("macro_f1_std"))
+        if r.get("label_free", True) and r["macro_f1"] == best.get(r["probe"]):
+            f1 = f"**{f1}**"
+        table.append([_name(r), r["kind"], PROBE_TITLES.get(r["probe"], r["probe"]), r.get("pooling", ""),
+                      _pm(r["accuracy"], r.get("accuracy_std")), f1])
+    lines += _table(["name", "kind", "probe", "pooling", "accuracy", "macro-F1"], table)
+    if any(_name(r).endswith("†") for r in rows):
+        lines += ["", "† trained with labels (supervised triplets): not label-free, shown as a reference."]
+    if report.get("dropped_clips"):
+        lines += ["", f"{len(report['dropped_clips'])} clip(s) with non-finite features were left out of "
+                      "every entry's evaluation."]
+    return lines + [""]
+
+
+def _per_class_section(report: dict) -> list[str]:
+    """Per-class F1 of the logistic-regression probe, one column per entry."""
+    rows = [r for r in report["rows"] if r["probe"] == "logreg"]
+    if not rows:
+        return []
+    lines = ["## Per-class F1 (logistic regression)", ""]
+    table = [[lab] + [_num(r["per_class_f1"].get(lab)) for r in rows] for lab in report["labels"]]
+    return lines + _table(["class"] + [_name(r) for r in rows], table) + [""]
+
+
+def _cluster_section(report: dict) -> list[str]:
+    """Chosen k per criterion and label agreement at k = number of classes."""
+    entries = (report.get("cluster") or {}).get("entries") or []
+    if not entries:
+        return []
+    n_classes = next((r.get("n_classes") for r in entries if r.get("n_classes")), None)
+    lines = ["## k-means cluster count", "",
+             f"k picked by each criterion, and agreement with the labels at k = number of classes "
+             f"({n_classes or 'no labels'}); matched acc. is the accuracy after the best one-to-one "
+             "(Hungarian) matching of clusters to classes.", ""]
+    free = {e["name"]: e["label_free"] for e in report.get("entries", [])}
+    table = []
+    for r in entries:
+        c, at = r["chosen"], r.get("at_n_classes") or {}
+        row = {"name": r.get("name", ""), "kind": r.get("kind", ""), "label_free": free.get(r.get("name"), True)}
+        table.append([_name(row), row["kind"], r.get("level", ""), r.get("n", ""),
+                      *[_num(c.get(k), "{}") for k in ("elbow", "silhouette", "calinski_harabasz",
+                                                       "davies_bouldin", "gap")],
+                      *[_num(at.get(k)) for k in ("nmi", "ari", "purity", "accuracy")]])
+    lines += _table(["name", "kind", "level", "points", "elbow", "silhouette", "Calinski-Harabasz",
+                     "Davies-Bouldin", "gap", "NMI", "ARI", "purity", "matched acc."], table)
+    notes = sorted({f"{r.get('name', '')}: {n}" for r in entries for n in r.get("notes", [])})
+    if notes:
+        lines += [""] + [f"- {n}" for n in notes]
+    return lines + [""]
+
+
+def _extra_section(report: dict) -> list[str]:
+    """The ``extra`` mapping as a key / value table."""
+    extra = report.get("extra") or {}
+    if not extra:
+        return []
+    table = [[k, v if isinstance(v, (str, int, float)) else json.dumps(v, sort_keys=True)] for k, v in extra.items()]
+    return ["## Run details", ""] + _table(["key", "value"], table) + [""]
+
+
+def render_markdown(report: dict) -> str:
+    """Render a report dict (the content of report.json) as Markdown.
+
+    Parameters
+    ----------
+    report : dict written by :func:`make_report`
+
+    Returns
+    -------
+    str
+    """
+    lines = [f"# {report['title']}", "",
+             "Entries: " + ", ".join(f"{e['name']} ({e['kind']}{'' if e['label_free'] else ', uses labels'})"
+                                     for e in report.get("entries", [])) + ".", ""]
+    lines += _probe_section(report)
+    lines += _per_class_section(report)
+    lines += _cluster_section(report)
+    if report.get("figures"):
+        lines += ["## Figures", ""]
+        for f in report["figures"]:
+            lines += [f"![{f['caption']}]({f['file']})", "", f"*{f['caption']}*", ""]
+    lines += _extra_section(report)
+    return "\n".join(lines).rstrip() + "\n"
