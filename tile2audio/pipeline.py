@@ -44,13 +44,14 @@ DEPENDS = {"manifest": set(), "features": {"manifest"}, "train": {"features"}, "
 #: ``experiments/demo.yaml`` holds the same values (a test keeps them equal).
 DEMO_CONFIG: dict = {
     "name": "demo",
-    "data": {"source": "synthetic"},
+    "data": {"source": "synthetic", "options": {"n_classes": 5, "clips_per_class": 40}},
     "features": {"sample_rate": 16000, "n_fft": 1024, "hop_length": 512, "n_mels": 64},
     "tiles": {"tile_seconds": 1.5, "tile_hop_seconds": 0.75, "neighbourhood_seconds": 3.0},
     "model": {"encoder": "cnn", "widths": [16, 32, 64], "embedding_dim": 64},
     "loss": {"margin": 0.5, "negatives": "batch_all"},
-    "train": {"epochs": 4, "steps_per_epoch": 50, "batch_size": 32, "learning_rate": 0.001},
-    "probe": {"n_splits": 5},
+    "train": {"epochs": 8, "steps_per_epoch": 100, "batch_size": 32, "learning_rate": 0.001},
+    # 4 simulated artists per style: 4 grouped folds hold out one artist of each style.
+    "probe": {"n_splits": 4},
     "cluster": {"k_min": 2, "k_max": 10},
 }
 
