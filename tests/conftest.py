@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -77,3 +78,9 @@ def tiny_cache(tiny_dataset, tmp_path_factory) -> Path:
 def pytest_configure(config):
     """Register the ``slow`` marker (real-data checks; they still run in the default suite)."""
     config.addinivalue_line("markers", "slow: takes a minute or more (real-data anchor checks)")
+
+
+#: The real labelled recordings beside the checkout (absent on a user's fresh machine:
+#: tests that need them skip). TILE2AUDIO_DATASETS overrides the location.
+SHARED_DATASETS = Path(os.environ.get("TILE2AUDIO_DATASETS",
+                                      Path(__file__).resolve().parents[2] / "shared" / "datasets"))

@@ -19,7 +19,7 @@ from tile2audio.datasets import (
     write_manifest,
 )
 
-SHARED = Path("/work/shared/datasets")
+from conftest import SHARED_DATASETS as SHARED
 
 
 def _schema_ok(df: pd.DataFrame) -> None:

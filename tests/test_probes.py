@@ -15,7 +15,7 @@ from tile2audio.embed import EmbeddingSet, from_clip_matrix
 from tile2audio.errors import Tile2AudioError
 from tile2audio.probes import Split, check_no_leak, make_splits, run_probes
 
-DATASETS = Path("/work/shared/datasets")
+from conftest import SHARED_DATASETS as DATASETS
 
 
 # --------------------------------------------------------------------------- helpers

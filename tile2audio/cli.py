@@ -160,7 +160,7 @@ def _run(args: argparse.Namespace) -> int:
 
         cfg = ClusterConfig(k_min=args.k[0], k_max=args.k[1], level=args.level)
         result = cluster_embeddings(load_embeddings(args.embeddings), cfg, args.output)
-        print(json.dumps(result.get("chosen_k", {}), indent=1))
+        print(json.dumps({"chosen_k": result["chosen"], "at_n_classes": result.get("at_n_classes")}, indent=1))
     elif cmd == "report":
         from .pipeline import report_runs
 

@@ -14,6 +14,7 @@ as an uninterrupted one and sees the same batches.
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
 import os
@@ -349,9 +350,22 @@ def _callbacks(run_dir: Path, model, config: TrainingConfig, chief: bool, probe_
                 if do:
                     log.info("epoch %d: probe accuracy %.3f", epoch + 1, logs["probe_accuracy"])
 
+    class EpochLog(keras.callbacks.Callback):
+        """Append one row per epoch to log.csv (Keras's CSVLogger adds empty val_* columns)."""
+
+        def on_epoch_end(self, epoch, logs=None):
+            row = {"epoch": epoch, **{k: float(v) for k, v in (logs or {}).items()}}
+            path = run_dir / "log.csv"
+            new = not path.is_file()
+            with open(path, "a", encoding="utf-8", newline="") as fh:
+                writer = csv.DictWriter(fh, fieldnames=list(row))
+                if new:
+                    writer.writeheader()
+                writer.writerow(row)
+
     cbs = [Checkpointer(), Monitor()]
     if chief:
-        cbs.append(keras.callbacks.CSVLogger(str(run_dir / "log.csv"), append=True))
+        cbs.append(EpochLog())
         cbs.append(keras.callbacks.TensorBoard(log_dir=str(run_dir / "tensorboard"), write_graph=False))
     return cbs
 
