@@ -101,3 +101,12 @@ def test_killed_run_resumes_to_the_same_step_count(tiny_cache, tmp_path):
     assert info["status"] == "complete" and info["step"] == 12
     log = pd.read_csv(run / "log.csv")
     assert log["epoch"].max() == 2 and log["step"].iloc[-1] == 12
+
+
+def test_probe_callback_logs_accuracy_and_collapse_warns(tiny_cache, tmp_path, caplog):
+    cfg = _cfg("train.probe_every_epochs=1", "train.collapse_threshold=100.0")
+    with caplog.at_level("WARNING", logger="tile2audio.train"):
+        run = train(tiny_cache, tmp_path, cfg, exact=True, progress=False)
+    log = pd.read_csv(run / "log.csv")
+    assert log["probe_accuracy"].between(0, 1).all() and len(log) == 2
+    assert any("collapsing" in r.getMessage() for r in caplog.records)
