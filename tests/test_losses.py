@@ -185,7 +185,7 @@ def test_compute_losses_weighting_mse_l2_and_monitors():
         **labels([0, 1], [2, 3], [0, 1], [2, 3]),
     }
     recon = [tf.zeros(shape), tf.zeros(shape), 0.5 * tf.ones(shape)]
-    cfg = LossConfig(margin=1.0, triplet_weight=0.5, mse_weight=2.0, embedding_l2=0.1)
+    cfg = LossConfig(margin=1.0, negatives="single", triplet_weight=0.5, mse_weight=2.0, embedding_l2=0.1)
     out = compute_losses(cfg, za, zn, zo, batch, reconstructions=recon)
     expected = {
         "triplet": 0.75, "mse": 5 / 3, "l2": 66.25 / 6, "active_fraction": 0.5,
@@ -197,7 +197,7 @@ def test_compute_losses_weighting_mse_l2_and_monitors():
     # explicit tiles (here: all zeros) replace the batch's tiles as targets
     out = compute_losses(cfg, za, zn, zo, batch, reconstructions=recon, tiles=[tf.zeros(shape)] * 3)
     assert float(out["mse"]) == pytest.approx(0.25 / 3)
-    out = compute_losses(LossConfig(margin=1.0), za, zn, zo, batch)
+    out = compute_losses(LossConfig(margin=1.0, negatives="single"), za, zn, zo, batch)
     assert float(out["mse"]) == 0.0 and float(out["loss"]) == pytest.approx(0.75)
 
 

@@ -24,7 +24,7 @@ def _cfg(*extra):
 
 def test_train_writes_a_complete_run_directory(tiny_cache, tmp_path):
     run = train(tiny_cache, tmp_path / "runs", _cfg(), progress=False)
-    assert run.parent == tmp_path / "runs" and run.name.startswith("cnn-d8-t0.5s-tile2vec-single")
+    assert run.parent == tmp_path / "runs" and run.name.startswith("cnn-d8-t0.5s-tile2vec-batch_all")
     for name in ("config.yaml", "features.json", "run.json", "encoder.keras", "encoder_init.keras", "log.csv"):
         assert (run / name).is_file(), name
     assert load_training(run / "config.yaml") == _cfg()
@@ -60,7 +60,7 @@ def test_existing_run_needs_resume(tiny_cache, tmp_path):
 
 def test_run_name_has_key_hyperparameters():
     name = run_name(_cfg("train.seed=5"), when=0)
-    assert name.startswith("cnn-d8-t0.5s-tile2vec-single-m0.5-s5-")
+    assert name.startswith("cnn-d8-t0.5s-tile2vec-batch_all-m0.5-s5-")
 
 
 def test_supervised_needs_labels(tiny_cache, tmp_path):
