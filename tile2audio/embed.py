@@ -157,7 +157,8 @@ def from_clip_matrix(
         raise Tile2AudioError(f"matrix of shape {matrix.shape} does not match {len(clips)} clips")
     clips = _clip_table(clips)
     tiles = {cid: (matrix[i : i + 1], np.zeros((1, 2))) for i, cid in enumerate(clips["clip_id"])}
-    meta = {"name": name, "kind": kind, "label_free": label_free, "dim": int(matrix.shape[1])}
+    # One matrix serves every pooling name, so tables say "clip" rather than a pooling.
+    meta = {"name": name, "kind": kind, "label_free": label_free, "dim": int(matrix.shape[1]), "pooling": "clip"}
     return EmbeddingSet(clips=clips, arrays={p: matrix for p in POOLINGS}, meta=meta, tile_arrays=tiles)
 
 

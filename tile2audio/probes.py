@@ -490,7 +490,7 @@ def _evaluate(entry, probe, data, splits, labels, config) -> dict:
         "kind": entry.kind,
         "label_free": bool(entry.label_free) and entry.kind != "supervised",
         "probe": probe,
-        "pooling": config.pooling if config.level == "clip" else "tile-score-mean",
+        "pooling": (entry.meta.get("pooling") or config.pooling) if config.level == "clip" else "tile-score-mean",
         "level": config.level,
         "dim": int(data.X.shape[1]),
         "n_folds": len(splits),
