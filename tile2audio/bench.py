@@ -361,14 +361,14 @@ def _train_stage(cache_dir: str, training: TrainingConfig, seconds: float) -> di
 
     from .features import open_cache
     from .sampler import TripletSampler
-    from .train import _build_triplet_model, _optimizer
+    from .train import build_triplet_model, make_optimizer
 
     cache = open_cache(cache_dir)
     t = training.train
     keras.utils.set_random_seed(t.seed)
     sampler = TripletSampler(cache, training.tiles, training.sampler, batch_size=t.batch_size, seed=t.seed)
-    model = _build_triplet_model(training, sampler.tile_shape, cache.params.normalize)
-    model.compile(optimizer=_optimizer(training))
+    model = build_triplet_model(training, sampler.tile_shape, cache.params.normalize)
+    model.compile(optimizer=make_optimizer(training))
     fixed = next(iter(sampler.dataset()))
     with_pipeline = _time_fit(model, sampler.dataset(), seconds, t.batch_size)
     import tensorflow as tf

@@ -186,8 +186,23 @@ def _worker_info(strategy) -> tuple[int, int, bool]:
 # --------------------------------------------------------------------------- model
 
 
-def _build_triplet_model(config: TrainingConfig, tile_shape: tuple[int, int, int], normalize: str):
-    """The Keras model that owns the train step (encoder + optional decoder)."""
+def build_triplet_model(config: TrainingConfig, tile_shape: tuple[int, int, int], normalize: str):
+    """The Keras model that owns the triplet train step (used by training and the benchmark).
+
+    Parameters
+    ----------
+    config : TrainingConfig
+    tile_shape : (T, M, 1)
+        Input tile shape.
+    normalize : str
+        The cache's ``features.normalize``; ``minmax`` gives the decoder a sigmoid output.
+
+    Returns
+    -------
+    keras.Model
+        ``.encoder`` maps (B, T, M, 1) to (B, D); ``train_step`` takes the sampler's dict
+        batches. Build it inside the strategy's scope.
+    """
     import keras
     import tensorflow as tf
 
@@ -275,8 +290,8 @@ def _all_layers(model) -> list:
     return out
 
 
-def _optimizer(config: TrainingConfig):
-    """Adam with a constant or warmup + cosine learning rate."""
+def make_optimizer(config: TrainingConfig):
+    """Adam with the run's learning rate: constant, or warmup then cosine decay."""
     import keras
 
     t = config.train
@@ -501,9 +516,9 @@ def train(
     tile_shape = tuple(local_sampler.tile_shape)
 
     with strat.scope():
-        model = _build_triplet_model(config, tile_shape, fc.params.normalize)
+        model = build_triplet_model(config, tile_shape, fc.params.normalize)
         model(np.zeros((1,) + tile_shape, np.float32))
-        model.compile(optimizer=_optimizer(config))
+        model.compile(optimizer=make_optimizer(config))
         model.optimizer.build(model.trainable_variables)
 
     if not (own_dir / "encoder_init.keras").is_file():
