@@ -335,7 +335,7 @@ def embed(
     from tqdm.auto import tqdm
 
     from .config import FeatureParams, TileConfig
-    from .features import extract_clip
+    from .features import extract_clip, normalize_frames
     from .tiles import TileGeometry
     from .train import load_encoder, load_run_config, read_run
 
@@ -376,12 +376,9 @@ def embed(
             keep.append(i)
             continue
         try:
-            if source == "cache":
-                raw = obj.frames(row["clip_id"], raw=True)
-                frames = _normalise(raw, params, stats)
-            else:
-                raw, _note = extract_clip(row["path"], params)
-                frames = _normalise(raw, params, stats)
+            # The run's statistics, not the cache's: a run embeds other data the way it trained.
+            raw = obj.frames(row["clip_id"], raw=True) if source == "cache" else extract_clip(row["path"], params)[0]
+            frames = normalize_frames(raw, params, stats)
         except Tile2AudioError as exc:
             log.warning("skipping %s: %s", row["clip_id"], exc)
             continue
@@ -400,13 +397,6 @@ def embed(
     arrays = {p: np.stack([x[p] for x in pooled]) for p in POOLINGS}
     clips["n_tiles"] = [len(tile_arrays[c][0]) for c in clips["clip_id"]]
     return EmbeddingSet(clips=_clip_table(clips), arrays=arrays, meta=meta, tile_arrays=tile_arrays)
-
-
-def _normalise(raw: np.ndarray, params, stats: dict) -> np.ndarray:
-    """Apply the run's normalisation to raw log-mel frames (n_frames, n_mels)."""
-    from .features import normalize_frames
-
-    return normalize_frames(raw, params, stats)
 
 
 class _CallableModule(types.ModuleType):
