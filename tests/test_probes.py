@@ -358,18 +358,17 @@ def _urbansound():
                     reason="real data sets not available")
 def test_mfcc_baseline_reproduces_the_published_anchors(tmp_path):
     config = ProbeConfig(fixed_c=1.0, protocol="auto")
-    clips, paths = _emotify()
-    emb = baselines.mfcc_embeddings(clips, paths, cache_file=tmp_path / "emotify.npz", jobs=2, progress=False)
-    res = run_probes([emb], config, progress=False)
-    row = next(r for r in res["rows"] if r["probe"] == "logreg")
+    def logreg(clips_and_paths, cache_file):
+        emb = baselines.mfcc_embeddings(*clips_and_paths, cache_file=cache_file, jobs=2, progress=False)
+        res = run_probes([emb], config, progress=False)
+        return res, next(r for r in res["rows"] if r["probe"] == "logreg")
+
+    res, row = logreg(_emotify(), tmp_path / "emotify.npz")
     assert res["protocol"] == "kfold" and res["n_folds"] == 5
     assert row["accuracy"] == pytest.approx(0.600, abs=0.02)
     assert row["macro_f1"] == pytest.approx(0.596, abs=0.02)
 
-    clips, paths = _urbansound()
-    emb = baselines.mfcc_embeddings(clips, paths, cache_file=tmp_path / "urban.npz", jobs=2, progress=False)
-    res = run_probes([emb], config, progress=False)
-    row = next(r for r in res["rows"] if r["probe"] == "logreg")
+    res, row = logreg(_urbansound(), tmp_path / "urban.npz")
     assert res["protocol"] == "fold" and res["n_folds"] == 2
     assert row["macro_f1"] == pytest.approx(0.493, abs=0.02)
     assert row["accuracy"] == pytest.approx(0.480, abs=0.02)

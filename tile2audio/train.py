@@ -323,7 +323,7 @@ def save_keras_atomic(model: Any, path: Path) -> None:
 # --------------------------------------------------------------------------- callbacks
 
 
-def _callbacks(run_dir: Path, model, config: TrainingConfig, chief: bool, probe_fn, progress_state: dict):
+def _callbacks(run_dir: Path, model, config: TrainingConfig, chief: bool, probe_fn):
     """Checkpoint, collapse warning, probe, CSV and TensorBoard callbacks."""
     import keras
 
@@ -336,7 +336,6 @@ def _callbacks(run_dir: Path, model, config: TrainingConfig, chief: bool, probe_
             step = int(model.optimizer.iterations.numpy())
             if chief and t.checkpoint_every_steps and step % t.checkpoint_every_steps == 0:
                 save_checkpoint(run_dir, model, model.optimizer, step)
-            progress_state["step"] = step
 
         def on_epoch_end(self, epoch, logs=None):
             step = int(model.optimizer.iterations.numpy())
@@ -468,7 +467,6 @@ def train(
         The run directory, holding ``encoder.keras`` when training finished.
     """
     import keras
-    import tensorflow as tf
 
     from .features import open_cache
     from .sampler import TripletSampler
@@ -479,7 +477,7 @@ def train(
     worker, n_workers, chief = _worker_info(strat)
     out = Path(out)
     run_dir, resuming = _resolve_run_dir(out, config, resume, exact, stamp="multiworker" if n_workers > 1 else None)
-    if resuming and is_run_dir(run_dir):
+    if resuming:  # _resolve_run_dir only resumes existing run directories
         saved = load_run_config(run_dir)
         if saved != config and config != TrainingConfig():
             log.warning("resuming %s with its saved config; the config given now is ignored", run_dir)
@@ -548,8 +546,7 @@ def train(
         return strat.distribute_datasets_from_function(per_worker)
 
     probe_fn = _make_probe_fn(fc, config) if t.probe_every_epochs and chief else None
-    state = {"step": step}
-    callbacks = _callbacks(run_dir, model, config, chief, probe_fn, state)
+    callbacks = _callbacks(run_dir, model, config, chief, probe_fn)
     started = time.time()
     epoch, offset = divmod(step, t.steps_per_epoch)
     verbose = 1 if progress else 2
