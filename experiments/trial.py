@@ -8,18 +8,23 @@ writes ``experiments/results/NAME.json``: the experiment, the overrides, the res
 config, the training time and the clip-level logistic-probe figures of the trained
 encoder, its random-weight twin and the MFCC statistics (same splits). ``--render``
 rewrites the table between the markers in ``experiments/README.md``.
+``--reuse-cache OTHER`` hard-links the manifest and feature cache of trial OTHER when its
+data and feature settings are the same (checked by the stage fingerprints), so a trial
+pays only for training, embedding and probes.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
 import time
 from pathlib import Path
 
 from tile2audio import atomic
 from tile2audio.config import load_experiment, to_dict
-from tile2audio.pipeline import run_experiment
+from tile2audio.pipeline import _fingerprints, run_experiment
 from tile2audio.train import read_run
 
 HERE = Path(__file__).resolve().parent
@@ -27,16 +32,32 @@ RESULTS = HERE / "results"
 BEGIN, END = "<!-- trials:begin -->", "<!-- trials:end -->"
 
 
-def run_trial(name: str, experiment: str, overrides: list[str], note: str = "") -> dict:
+def reuse_cache(cfg, out: Path, other: Path) -> bool:
+    """Hard-link ``other``'s manifest and cache into ``out`` if its fingerprints match."""
+    fps = _fingerprints(cfg)
+    done = json.loads((other / "stages.json").read_text()) if (other / "stages.json").is_file() else {}
+    if out.exists() or any(done.get(s) != fps[s] for s in ("manifest", "features")):
+        return False
+    out.mkdir(parents=True)
+    shutil.copy2(other / "manifest.csv", out / "manifest.csv")
+    shutil.copytree(other / "cache", out / "cache", copy_function=os.link)
+    atomic.write_json(out / "stages.json", {s: fps[s] for s in ("manifest", "features")})
+    return True
+
+
+def run_trial(name: str, experiment: str, overrides: list[str], note: str = "", reuse: str | None = None) -> dict:
     """Run the experiment with overrides and record the result JSON."""
     cfg = load_experiment(experiment, overrides)
     out = Path("runs") / "trials" / name
+    if reuse and not reuse_cache(cfg, out, Path("runs") / "trials" / reuse):
+        print(f"not reusing {reuse}: other data or feature settings, or {out} exists")
     started = time.time()
     run_experiment(cfg, out, progress=False)
     probe = json.loads((out / "probe" / "probe.json").read_text())
     rows = [r for r in probe["rows"] if r["probe"] == "logreg"]
     record = {
         "name": name, "experiment": Path(experiment).stem, "overrides": overrides, "note": note,
+        "recorded": round(time.time()),
         "train_seconds": read_run(out / "run").get("train_seconds"),
         "wall_seconds": round(time.time() - started, 1),
         "protocol": probe.get("protocol"),
@@ -80,10 +101,11 @@ def main() -> None:
     p.add_argument("experiment", nargs="?")
     p.add_argument("--set", action="append", default=[])
     p.add_argument("--note", default="")
+    p.add_argument("--reuse-cache", metavar="OTHER", help="hard-link trial OTHER's feature cache")
     p.add_argument("--render", action="store_true")
     args = p.parse_args()
     if args.name and args.experiment:
-        rec = run_trial(args.name, args.experiment, args.set, args.note)
+        rec = run_trial(args.name, args.experiment, args.set, args.note, args.reuse_cache)
         print(json.dumps({k: rec[k] for k in ("name", "train_seconds", "results")}, indent=1))
     write_table()
 

@@ -220,3 +220,30 @@ def test_bad_arguments_raise_tile2audio_error():
         compute_losses(LossConfig(), ZA, ZN, ZO, {}, reconstructions=[ZA, ZN], tiles=[ZA, ZN, ZO])
     with pytest.raises(Tile2AudioError):
         compute_losses(LossConfig(), ZA, ZN, ZO, {}, reconstructions=[ZA, ZN, ZO])  # no tiles anywhere
+
+
+def test_symmetric_batch_all_adds_the_neighbours_as_anchors():
+    za, zn, zo = col(0, 4), col(1, 4), col(0.5, 3.8)
+    batch = labels([0, 1], [2, 0], [10, 11], [11, 10])
+    _, per_a, _ = in_batch_triplet_loss(za, zn, zo, batch, margin=1.0, negatives="batch_all")
+    # The same loss with anchors and neighbours swapped gives the neighbours' rows.
+    _, per_n, _ = in_batch_triplet_loss(zn, za, zo, batch, margin=1.0, negatives="batch_all")
+    loss, per, valid = in_batch_triplet_loss(za, zn, zo, batch, margin=1.0, negatives="batch_all", symmetric=True)
+    assert per.shape == (4, 6) and valid.shape == (4, 6)
+    np.testing.assert_allclose(per[:2], per_a, atol=1e-5)
+    # the candidate columns keep their order (anchors, neighbours, opposites), so the
+    # swapped call's anchor and neighbour column blocks trade places
+    np.testing.assert_allclose(per[2:], tf.concat([per_n[:, 2:4], per_n[:, 0:2], per_n[:, 4:]], 1), atol=1e-5)
+    active = float(tf.reduce_sum(tf.cast(per > 0, tf.float32)))
+    assert active > 2  # the neighbours' rows add active triplets
+    assert float(loss) == pytest.approx(float(tf.reduce_sum(per)) / active, abs=1e-4)
+
+
+def test_symmetric_single_uses_the_same_opposite_for_the_neighbour():
+    za, zn, zo = col(0, 4), col(1, 4), col(0.9, 3.8)
+    # anchors: d_an 1, 0; d_ao 0.81, 0.04 -> 1.19, 0.96
+    # neighbours: d_na 1, 0; d_no 0.01, 0.04 -> 1.99, 0.96
+    plain = compute_losses(LossConfig(margin=1.0, negatives="single"), za, zn, zo, {})
+    both = compute_losses(LossConfig(margin=1.0, negatives="single", symmetric=True), za, zn, zo, {})
+    assert float(plain["triplet"]) == pytest.approx((1.19 + 0.96) / 2, abs=1e-4)
+    assert float(both["triplet"]) == pytest.approx((1.19 + 0.96 + 1.99 + 0.96) / 4, abs=1e-4)

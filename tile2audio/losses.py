@@ -205,6 +205,7 @@ def in_batch_triplet_loss(
     distance: str = "squared",
     reduction: str = "zero_filtered",
     negatives: str = "batch_all",
+    symmetric: bool = False,
 ) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
     """Triplet loss with negatives mined from the whole batch.
 
@@ -222,6 +223,9 @@ def in_batch_triplet_loss(
         ``batch_all``: every valid (anchor, negative) pair is a triplet.
         ``semi_hard``: per anchor the closest negative farther than d(a, n), else the
         closest valid negative. ``hardest``: per anchor the closest valid negative.
+    symmetric : bool
+        Also use each neighbour as an anchor, with its anchor as the positive, so every
+        forward pass gives twice the triplets (the rows below become 2B: anchors first).
 
     Returns
     -------
@@ -234,8 +238,12 @@ def in_batch_triplet_loss(
     """
     _check("negatives", negatives, _NEGATIVES[1:])
     mask = negative_mask(batch)
+    candidates = tf.concat([za, zn, zo], axis=0)
+    if symmetric:
+        # A neighbour shares its anchor's clip and group, so it has the same negatives.
+        za, zn, mask = tf.concat([za, zn], axis=0), tf.concat([zn, za], axis=0), tf.concat([mask, mask], axis=0)
     d_an = pairwise_distance(za, zn, distance)
-    d_all = distance_matrix(za, tf.concat([za, zn, zo], axis=0), distance)
+    d_all = distance_matrix(za, candidates, distance)
     if negatives == "batch_all":
         per = tf.nn.relu(d_an[:, None] - d_all + float(margin)) * tf.cast(mask, tf.float32)
         return _reduce(per, mask, reduction), per, mask
@@ -321,11 +329,18 @@ def compute_losses(
         raise Tile2AudioError(f"expected a LossConfig, got {type(loss).__name__}")
     za, zn, zo = _f32(za), _f32(zn), _f32(zo)
     if loss.negatives == "single":
-        triplet, per = triplet_loss(za, zn, zo, loss.margin, loss.distance, loss.reduction)
+        if loss.symmetric:
+            # The neighbour as anchor: the same opposite, the anchor as positive.
+            triplet, per = triplet_loss(
+                tf.concat([za, zn], 0), tf.concat([zn, za], 0), tf.concat([zo, zo], 0),
+                loss.margin, loss.distance, loss.reduction,
+            )
+        else:
+            triplet, per = triplet_loss(za, zn, zo, loss.margin, loss.distance, loss.reduction)
         valid = tf.ones_like(per, dtype=tf.bool)
     else:
         triplet, per, valid = in_batch_triplet_loss(
-            za, zn, zo, batch, loss.margin, loss.distance, loss.reduction, loss.negatives
+            za, zn, zo, batch, loss.margin, loss.distance, loss.reduction, loss.negatives, loss.symmetric
         )
     active = tf.math.divide_no_nan(
         tf.reduce_sum(tf.cast(tf.logical_and(valid, per > 0.0), tf.float32)),
