@@ -59,6 +59,23 @@ def test_encoder_without_l2_is_not_normalised_and_pool_modes_work():
         assert not np.allclose(np.linalg.norm(z, axis=1), 1.0, atol=1e-3)
 
 
+def test_time_pooling_keeps_the_mel_axis_and_reloads(tmp_path):
+    cfg = _cfg(global_pool="time", l2_normalize=False)
+    model = build_encoder(cfg, TILE)
+    # 16 mels after two 2x2 pools -> 4 bands of 8 channels, averaged over time only
+    assert model.get_layer("time_avg").output.shape[-1] == 4 * 8
+    x = _tiles()
+    z = np.asarray(model(x, training=False))
+    assert z.shape == (3, TINY["embedding_dim"])
+    path = tmp_path / "encoder.keras"
+    model.save(path)
+    np.testing.assert_allclose(np.asarray(keras.saving.load_model(path, safe_mode=True)(x, training=False)), z,
+                               rtol=1e-6, atol=1e-6)
+    # a variable-length time axis still works
+    var = build_encoder(cfg, (None, 16, 1))
+    assert var(_tiles(2, (48, 16, 1))).shape == (2, TINY["embedding_dim"])
+
+
 def test_crnn_unidirectional_and_no_batch_norm():
     cfg = _cfg("crnn", bidirectional=False, batch_norm=False)
     model = build_encoder(cfg, TILE)

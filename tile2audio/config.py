@@ -155,7 +155,12 @@ class SamplerConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Encoder (and optional decoder) architecture (see :mod:`tile2audio.models`)."""
+    """Encoder (and optional decoder) architecture (see :mod:`tile2audio.models`).
+
+    ``global_pool`` (cnn only) reduces the last feature map: ``avg``, ``max`` or ``avgmax``
+    over time and mels, or ``time``: average over time only, keeping the mel bands as
+    features (the spectrum's frequency axis is not shift-invariant).
+    """
 
     encoder: str = "cnn"
     embedding_dim: int = 128
@@ -174,7 +179,7 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         _check_choice("model.encoder", self.encoder, ("cnn", "crnn", "resnet18"))
-        _check_choice("model.global_pool", self.global_pool, ("avg", "max", "avgmax"))
+        _check_choice("model.global_pool", self.global_pool, ("avg", "max", "avgmax", "time"))
         _check_positive("model.embedding_dim", self.embedding_dim)
         if not self.widths or any(w <= 0 for w in self.widths):
             raise Tile2AudioError(f"model.widths must be positive integers, got {self.widths!r}")

@@ -123,7 +123,12 @@ def _conv_stack(x, model: ModelConfig, seeds: _Seeds):
 
 
 def _global_pool(x, how: str):
-    """Global average, max, or both concatenated over (time, mels)."""
+    """Global average, max, or both over (time, mels); ``time``: average over time only."""
+    if how == "time":
+        # Keeps where in the spectrum a feature fired: the mel axis is not shift-invariant.
+        _, mels, channels = x.shape[1:]
+        x = keras.layers.Reshape((-1, int(mels) * int(channels)), name="mels_to_features")(x)
+        return keras.layers.GlobalAveragePooling1D(name="time_avg")(x)
     if how == "avg":
         return keras.layers.GlobalAveragePooling2D(name="global_avg")(x)
     if how == "max":
