@@ -12,36 +12,36 @@ toolkit should embed with (experiments/README.md, "Which layer to probe").
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import keras
 import numpy as np
 
-from tile2audio.config import FeatureParams, ProbeConfig, load_experiment
-from tile2audio.embed import embed_frames, from_clip_matrix, pool_tiles
+from tile2audio.config import ProbeConfig, load_experiment
+from tile2audio.embed import embed_frames, from_clip_matrix, pool_tiles, run_inputs
 from tile2audio.features import normalize_frames, open_cache
 from tile2audio.probes import run_probes
-from tile2audio.tiles import TileGeometry
-from tile2audio.train import load_encoder, load_run_config
+from tile2audio.train import load_encoder
+
+WEIGHTS = ("trained", "init")
 
 
-def layer_matrices(trial: Path, layers: list[str], weights: str) -> dict[str, np.ndarray]:
-    """(n_clips, 2 * layer size) mean+std pooled matrices, one per layer."""
-    run, cache = trial / "run", open_cache(trial / "cache")
-    feat = json.loads((run / "features.json").read_text())
-    params = FeatureParams(**feat["params"])
-    stats = {k: np.asarray(v, np.float32) for k, v in feat["stats"].items() if k in ("mean", "std")}
-    geometry = TileGeometry.from_config(load_run_config(run).tiles, params.frames_per_second)
-    encoder = load_encoder(run, weights)
-    models = {name: keras.Model(encoder.input, encoder.get_layer(name).output) for name in layers}
-    rows = {name: [] for name in layers}
+def layer_matrices(trial: Path, layers: list[str], cache) -> dict[tuple[str, str], np.ndarray]:
+    """(n_clips, 2 * layer size) mean+std pooled matrices, one per (weights, layer)."""
+    run = trial / "run"
+    _, params, stats, geometry = run_inputs(run)
+    models = {}
+    for weights in WEIGHTS:
+        encoder = load_encoder(run, weights)
+        for name in layers:
+            models[weights, name] = keras.Model(encoder.input, encoder.get_layer(name).output)
+    rows = {key: [] for key in models}
     for clip_id in cache.index["clip_id"]:
         frames = normalize_frames(cache.frames(clip_id, raw=True), params, stats)
-        for name, model in models.items():
+        for key, model in models.items():
             e, _ = embed_frames(model, frames, geometry)
-            rows[name].append(pool_tiles(e.reshape(len(e), -1))["meanstd"])
-    return {name: np.stack(r) for name, r in rows.items()}
+            rows[key].append(pool_tiles(e.reshape(len(e), -1))["meanstd"])
+    return {key: np.stack(r) for key, r in rows.items()}
 
 
 def main() -> None:
@@ -51,11 +51,10 @@ def main() -> None:
     args = p.parse_args()
     layers = args.layers.split(",")
     probe = load_experiment(args.trial / "config.yaml").probe
-    index = open_cache(args.trial / "cache").index.reset_index(drop=True)
-    entries = []
-    for weights, kind in (("trained", "trained"), ("init", "random")):
-        for name, X in layer_matrices(args.trial, layers, weights).items():
-            entries.append(from_clip_matrix(index, X, name=f"{weights}:{name}", kind=kind))
+    cache = open_cache(args.trial / "cache")
+    index = cache.index.reset_index(drop=True)
+    entries = [from_clip_matrix(index, X, name=f"{weights}:{name}", kind="trained" if weights == "trained" else "random")
+               for (weights, name), X in layer_matrices(args.trial, layers, cache).items()]
     result = run_probes(entries, ProbeConfig(protocol=probe.protocol, n_splits=probe.n_splits, seed=probe.seed),
                         progress=False)
     for r in result["rows"]:

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from tile2audio import atomic
 from tile2audio.config import load_experiment, to_dict
-from tile2audio.pipeline import _fingerprints, run_experiment
+from tile2audio.pipeline import _fingerprints, _Stages, run_experiment
 from tile2audio.train import read_run
 
 HERE = Path(__file__).resolve().parent
@@ -34,14 +34,15 @@ BEGIN, END = "<!-- trials:begin -->", "<!-- trials:end -->"
 
 def reuse_cache(cfg, out: Path, other: Path) -> bool:
     """Hard-link ``other``'s manifest and cache into ``out`` if its fingerprints match."""
-    fps = _fingerprints(cfg)
-    done = json.loads((other / "stages.json").read_text()) if (other / "stages.json").is_file() else {}
+    fps, done = _fingerprints(cfg), _Stages(other).done
     if out.exists() or any(done.get(s) != fps[s] for s in ("manifest", "features")):
         return False
     out.mkdir(parents=True)
     shutil.copy2(other / "manifest.csv", out / "manifest.csv")
     shutil.copytree(other / "cache", out / "cache", copy_function=os.link)
-    atomic.write_json(out / "stages.json", {s: fps[s] for s in ("manifest", "features")})
+    stages = _Stages(out)
+    for s in ("manifest", "features"):
+        stages.mark(s, fps[s])
     return True
 
 

@@ -291,6 +291,38 @@ def _clip_sources(paths, root=None):
                                   "path": [str(p) for p in paths]})
 
 
+def run_inputs(run_dir: str | os.PathLike, config=None) -> tuple:
+    """What a run's encoder expects as input: its feature parameters, statistics and tiles.
+
+    Parameters
+    ----------
+    run_dir : path
+        A run directory from :func:`tile2audio.train.train`.
+    config : TrainingConfig, optional
+        The run's config (read from ``run_dir`` when not given).
+
+    Returns
+    -------
+    feat : dict
+        The run's ``features.json``.
+    params : FeatureParams
+    stats : dict
+        ``mean`` and ``std`` (n_mels,) float32 arrays, for :func:`tile2audio.features.normalize_frames`.
+    geometry : TileGeometry
+        Tile and hop lengths in frames.
+    """
+    from .config import FeatureParams
+    from .tiles import TileGeometry
+    from .train import load_run_config
+
+    run_dir = Path(run_dir)
+    config = config if config is not None else load_run_config(run_dir)
+    feat = json.loads((run_dir / "features.json").read_text(encoding="utf-8"))
+    params = FeatureParams(**feat["params"])
+    stats = {k: np.asarray(v, dtype=np.float32) for k, v in (feat.get("stats") or {}).items() if k in ("mean", "std")}
+    return feat, params, stats, TileGeometry.from_config(config.tiles, params.frames_per_second)
+
+
 def embed(
     run_dir: str | os.PathLike,
     paths,
@@ -334,18 +366,13 @@ def embed(
     """
     from tqdm.auto import tqdm
 
-    from .config import FeatureParams, TileConfig
     from .features import extract_clip, normalize_frames
-    from .tiles import TileGeometry
     from .train import load_encoder, load_run_config, read_run
 
     run_dir = Path(run_dir)
     info = read_run(run_dir)
     config = load_run_config(run_dir)
-    feat = json.loads((run_dir / "features.json").read_text(encoding="utf-8"))
-    params = FeatureParams(**feat["params"])
-    stats = {k: np.asarray(v, dtype=np.float32) for k, v in (feat.get("stats") or {}).items() if k in ("mean", "std")}
-    geometry = TileGeometry.from_config(config.tiles, params.frames_per_second)
+    feat, params, stats, geometry = run_inputs(run_dir, config)
     encoder = load_encoder(run_dir, weights)
     kind = "random" if weights == "init" else ("trained" if info.get("label_free", True) else "supervised")
     meta = {
