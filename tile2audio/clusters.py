@@ -51,6 +51,7 @@ from threadpoolctl import threadpool_limits
 from . import atomic
 from .config import ClusterConfig
 from .errors import Tile2AudioError
+from .probes import SMALL_PROBLEM
 
 log = logging.getLogger(__name__)
 
@@ -59,9 +60,6 @@ GAP_REFERENCES = 5
 #: Above this many point-dimension-cluster products (summed over k and references) the
 #: gap statistic is skipped: it costs GAP_REFERENCES extra k-means sweeps.
 GAP_BUDGET = 3e9
-#: Matrices with fewer values than this are clustered single-threaded: OpenMP start-up
-#: costs more than it saves on small problems (many times more on a shared machine).
-SMALL_PROBLEM = 2_000_000
 
 
 def _kmeans(X: np.ndarray, k: int, seed: int) -> KMeans:

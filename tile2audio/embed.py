@@ -168,7 +168,7 @@ def _clip_table(clips: pd.DataFrame) -> pd.DataFrame:
     for col in CLIP_COLUMNS:
         if col not in out.columns:
             out[col] = "" if col != "n_tiles" else 1
-    if "file" in out.columns and (out["file"] == "").all():
+    if (out["file"] == "").all():
         out["file"] = [safe_file_name(c) for c in out["clip_id"]]
     out["fold"] = pd.array(pd.to_numeric(out["fold"].replace("", None), errors="coerce"), dtype="Int64")
     for col in ("label", "split", "group", "path"):

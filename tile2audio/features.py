@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 from . import atomic
 from .audio import is_silent, load_audio, loop_pad
 from .config import FeatureParams, to_dict
+from .datasets.schema import _is_missing
 from .errors import Tile2AudioError
 
 log = logging.getLogger(__name__)
@@ -234,14 +235,6 @@ def _normalise_manifest(df: pd.DataFrame) -> pd.DataFrame:
     if len(dup):
         raise Tile2AudioError(f"manifest has duplicate clip_id(s): {', '.join(map(str, dup[:5]))}")
     return out[MANIFEST_COLUMNS]
-
-
-def _is_missing(v: Any) -> bool:
-    """True for None/NaN/NA cells."""
-    try:
-        return bool(pd.isna(v))
-    except (TypeError, ValueError):
-        return False
 
 
 def _to_fold(values: pd.Series) -> pd.Series:

@@ -154,16 +154,14 @@ def _embed_stage(cfg: ExperimentConfig, out: Path, progress: bool) -> dict:
 
 def mfcc_baseline(cache_dir: str | os.PathLike, progress: bool = True):
     """The MFCC-statistics baseline of a cache's clips, as an EmbeddingSet (cached on disk)."""
-    from .baselines import mfcc_matrix
-    from .embed import from_clip_matrix
+    from .baselines import mfcc_embeddings
     from .features import open_cache
 
     cache = open_cache(cache_dir)
     idx = cache.index
     paths = [Path(r) / p for r, p in zip(idx["root"], idx["path"])]
-    X = mfcc_matrix(paths, list(idx["clip_id"]), cache_file=Path(cache.path) / "mfcc_stats.npz",
-                    progress=progress)
-    return from_clip_matrix(idx, X, name="MFCC statistics", kind="mfcc")
+    return mfcc_embeddings(idx, paths, cache_file=Path(cache.path) / "mfcc_stats.npz", progress=progress,
+                           name="MFCC statistics")
 
 
 def run_experiment(cfg: ExperimentConfig, out: str | os.PathLike, *, dry_run: bool = False,

@@ -74,9 +74,9 @@ log = logging.getLogger(__name__)
 PROBES_WITH_C = ("logreg", "svm")
 MAX_ITER = 5000
 INNER_FOLDS = 5
-#: Feature matrices with fewer values than this are probed single-threaded: on small
-#: problems BLAS / OpenMP thread start-up costs more than it saves (many times more on
-#: a machine shared with other jobs).
+#: Feature matrices with fewer values than this are probed, clustered and mapped (t-SNE)
+#: single-threaded: on small problems BLAS / OpenMP thread start-up costs more than it
+#: saves (many times more on a machine shared with other jobs).
 SMALL_PROBLEM = 2_000_000
 
 

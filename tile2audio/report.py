@@ -32,11 +32,10 @@ from . import atomic
 from .clusters import cluster_embeddings, cluster_features, cluster_sweep, plot_curves
 from .config import ClusterConfig, ProbeConfig, to_dict
 from .errors import Tile2AudioError
-from .probes import run_probes
+from .probes import SMALL_PROBLEM, run_probes
 
 log = logging.getLogger(__name__)
 
-BASELINE_KINDS = ("random", "mfcc")
 PROBE_TITLES = {"logreg": "logistic regression", "knn_cosine": "k-NN (cosine)",
                 "knn_euclidean": "k-NN (Euclidean)", "svm": "linear SVM"}
 
@@ -133,7 +132,7 @@ def _project_2d(X: np.ndarray, seed: int) -> tuple[np.ndarray, str]:
     from threadpoolctl import threadpool_limits
 
     X = StandardScaler().fit_transform(np.asarray(X, dtype=np.float64))
-    with threadpool_limits(1 if X.size < 2_000_000 else None):  # small: threads cost more than they save
+    with threadpool_limits(1 if X.size < SMALL_PROBLEM else None):
         return _project(X, seed)
 
 
