@@ -120,10 +120,13 @@ class EmbeddingSet:
         rows = self.clips.index[self.clips["clip_id"] == clip_id]
         if len(rows) == 0:
             raise Tile2AudioError(f"no clip {clip_id!r} in embedding set {self.name!r}")
+        return self._tile_file(self.clips.loc[rows[0], "file"])
+
+    def _tile_file(self, file: str) -> tuple[np.ndarray, np.ndarray]:
+        """Tile embeddings and timestamps from ``tiles/<file>.npz``."""
         if self.path is None:
             raise Tile2AudioError(f"embedding set {self.name!r} holds no tile embeddings")
-        file = self.path / "tiles" / f"{self.clips.loc[rows[0], 'file']}.npz"
-        with np.load(file, allow_pickle=False) as z:
+        with np.load(self.path / "tiles" / f"{file}.npz", allow_pickle=False) as z:
             return z["embeddings"], z["timestamps"]
 
     def tile_matrix(self) -> tuple[np.ndarray, np.ndarray]:
@@ -135,8 +138,9 @@ class EmbeddingSet:
         clip_rows : np.ndarray of int, shape (n_tiles_total,)
         """
         blocks, rows = [], []
-        for i, clip_id in enumerate(self.clips["clip_id"]):
-            e, _ = self.tiles(clip_id)
+        # Row by row, not through tiles(clip_id): that looks each id up in the whole table.
+        for i, (clip_id, file) in enumerate(zip(self.clips["clip_id"], self.clips["file"])):
+            e = self.tile_arrays[clip_id][0] if clip_id in self.tile_arrays else self._tile_file(file)[0]
             blocks.append(e)
             rows.append(np.full(len(e), i, dtype=np.int64))
         return np.concatenate(blocks), np.concatenate(rows)
