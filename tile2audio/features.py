@@ -588,6 +588,8 @@ class FeatureCache:
         self.frames_per_second = self.params.frames_per_second
         self.n_mels = self.params.n_mels
         self.shards = list(dict.fromkeys(index["shard"]))
+        # Frames per shard, summed once: the sampler asks for every shard's size.
+        self._shard_frames = {k: int(n) for k, n in index.groupby("shard", sort=False)["n_frames"].sum().items()}
         self._row = {cid: i for i, cid in enumerate(index["clip_id"])}
         self._shard_col = index["shard"].to_numpy()
         self._offset = index["offset"].to_numpy(dtype=np.int64)
@@ -656,10 +658,9 @@ class FeatureCache:
 
     def shard_nbytes(self, name: str) -> int:
         """Bytes of shard ``name`` as float32 in memory."""
-        mask = self._shard_col == name
-        if not mask.any():
+        if name not in self._shard_frames:
             raise Tile2AudioError(f"shard {name!r} is not in the cache {self.path}")
-        return int(self._length[mask].sum()) * self.n_mels * 4
+        return self._shard_frames[name] * self.n_mels * 4
 
     def _read(self, row: int, raw: bool) -> np.ndarray:
         """Frames of index row ``row`` as float32, normalised unless ``raw``."""
@@ -680,7 +681,7 @@ class FeatureCache:
             mm = np.load(path, mmap_mode="r", allow_pickle=False)
         except (OSError, ValueError) as exc:
             raise Tile2AudioError(f"cache shard {path} is missing or unreadable: {exc}") from exc
-        rows = int(self._length[self._shard_col == name].sum())
+        rows = self._shard_frames[name]
         if mm.ndim != 2 or mm.shape[1] != self.n_mels or mm.shape[0] < rows:
             raise Tile2AudioError(
                 f"cache shard {path} has shape {mm.shape}, expected ({rows}, {self.n_mels}); rebuild the cache"
