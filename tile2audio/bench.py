@@ -114,8 +114,7 @@ def run_bench(
     }
     with tempfile.TemporaryDirectory(prefix="tile2audio-bench-") as tmp:
         work = Path(tmp)
-        manifest = _prepare_data(data, work, settings.features.sample_rate)
-        result["clips"] = _count_rows(manifest)
+        manifest, result["clips"] = _prepare_data(data, work, settings.features.sample_rate)
         if "features" in stages:
             result["features"] = _in_child("features", _features_stage, manifest, work / "features",
                                            settings.features, seconds)
@@ -156,8 +155,8 @@ def _settings_summary(settings: ExperimentConfig) -> dict:
             "batch_size": settings.train.batch_size}
 
 
-def _prepare_data(data: str | os.PathLike | None, work: Path, sample_rate: int) -> Path:
-    """Write the manifest of the data to measure (synthetic by default); return its path."""
+def _prepare_data(data: str | os.PathLike | None, work: Path, sample_rate: int) -> tuple[Path, int]:
+    """Write the manifest of the data to measure (synthetic by default); return its path and clip count."""
     from .datasets import build_manifest, read_manifest, write_manifest
 
     target = work / "manifest.csv"
@@ -168,16 +167,10 @@ def _prepare_data(data: str | os.PathLike | None, work: Path, sample_rate: int) 
         write_manifest(read_manifest(made), target)
     else:
         write_manifest(build_manifest("folder", data), target)
-    if _count_rows(target) < 2:
+    n_clips = len(read_manifest(target))
+    if n_clips < 2:
         raise Tile2AudioError(f"bench needs at least two audio files, {data} has fewer")
-    return target
-
-
-def _count_rows(manifest: Path) -> int:
-    """Number of clips in a manifest."""
-    from .datasets import read_manifest
-
-    return len(read_manifest(manifest))
+    return target, n_clips
 
 
 # --------------------------------------------------------------------------- child processes
