@@ -327,11 +327,9 @@ def plot_curves(result: dict, path: str | Path, title: str = "k-means cluster-co
     -------
     Path
     """
-    import matplotlib
+    from .report import _pyplot, _save  # here, not at the top: report imports this module
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     ks = result["ks"]
     curves = result["curves"]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
@@ -358,9 +356,7 @@ def plot_curves(result: dict, path: str | Path, title: str = "k-means cluster-co
     fig.suptitle(title + (" (standardised features)" if result.get("standardized") else ""))
     fig.tight_layout()
     path = Path(path)
-    with atomic.atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
+    _save(fig, path)
     return path
 
 
