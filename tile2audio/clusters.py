@@ -386,9 +386,7 @@ def cluster_embeddings(emb, config: ClusterConfig = ClusterConfig(), out_dir: st
         and ``figure`` (the PNG's file name).
     """
     out_dir = Path(out_dir)
-    X, labels = cluster_features(emb, config)
-    labels = labels if (labels != "").any() else None
-    result = cluster_sweep(X, labels, config)
+    result = cluster_sweep(*cluster_features(emb, config), config)
     result = {"name": emb.name, "kind": emb.kind, "level": config.level,
               "pooling": config.pooling if config.level == "clip" else None, **result}
     plot_curves(result, out_dir / "kmeans_curves.png",

@@ -225,7 +225,7 @@ def _cluster_all(entries, config: ClusterConfig, figure_entry, out_dir: Path) ->
             continue
         X, labels = cluster_features(e, config)
         try:
-            r = cluster_sweep(X, labels if (labels != "").any() else None, config)
+            r = cluster_sweep(X, labels, config)
         except Tile2AudioError as exc:
             log.warning("k-means analysis of %s skipped: %s", e.name, exc)
             continue
