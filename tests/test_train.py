@@ -15,7 +15,7 @@ import pytest
 from conftest import TINY_TRAIN
 from tile2audio.config import load_training
 from tile2audio.errors import Tile2AudioError
-from tile2audio.train import load_encoder, read_run, run_name, train
+from tile2audio.train import load_encoder, read_run, resolve_precision, run_name, train
 
 
 def _cfg(*extra):
@@ -27,7 +27,10 @@ def test_train_writes_a_complete_run_directory(tiny_cache, tmp_path):
     assert run.parent == tmp_path / "runs" and run.name.startswith("cnn-d8-t0.5s-tile2vec-batch_all")
     for name in ("config.yaml", "features.json", "run.json", "encoder.keras", "encoder_init.keras", "log.csv"):
         assert (run / name).is_file(), name
-    assert load_training(run / "config.yaml") == _cfg()
+    # The run records the precision that auto chose on this machine, not "auto".
+    saved = load_training(run / "config.yaml")
+    assert saved.train.precision == resolve_precision("auto") != "auto"
+    assert saved == _cfg(f"train.precision={saved.train.precision}")
     log = pd.read_csv(run / "log.csv")
     assert list(log["epoch"]) == [0, 1]
     for col in ("loss", "triplet", "active_fraction", "d_an", "d_ao", "spread", "learning_rate"):

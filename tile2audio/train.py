@@ -20,6 +20,7 @@ import logging
 import os
 import shutil
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -186,28 +187,56 @@ def _worker_info(strategy) -> tuple[int, int, bool]:
 # --------------------------------------------------------------------------- model
 
 
-def build_triplet_model(config: TrainingConfig, tile_shape: tuple[int, int, int], normalize: str):
+def resolve_precision(name: str = "auto") -> str:
+    """The Keras dtype policy that ``train.precision`` names on this machine.
+
+    ``auto``: ``mixed_float16`` when TensorFlow sees a GPU (untested: no GPU on the
+    development machines), ``mixed_bfloat16`` on a CPU whose flags include
+    ``avx512_bf16`` or ``amx_bf16`` (oneDNN then runs convolutions on the bf16 units),
+    else ``float32``. Any other value is returned as it is.
+    """
+    if name != "auto":
+        return name
+    import tensorflow as tf
+
+    if tf.config.list_physical_devices("GPU"):
+        return "mixed_float16"
+    try:
+        flags = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+    except OSError:  # not Linux: no cheap way to read the CPU's flags
+        return "float32"
+    return "mixed_bfloat16" if ("avx512_bf16" in flags or "amx_bf16" in flags) else "float32"
+
+
+def build_triplet_model(config: TrainingConfig, tile_shape: tuple[int, int, int], normalize: str,
+                        *, baseline: bool = False):
     """The Keras model that owns the triplet train step (used by training and the benchmark).
 
     Parameters
     ----------
     config : TrainingConfig
+        ``train.precision`` (``auto`` is resolved here) sets the encoder's dtype policy.
     tile_shape : (T, M, 1)
         Input tile shape.
     normalize : str
         The cache's ``features.normalize``; ``minmax`` gives the decoder a sigmoid output.
+    baseline : bool
+        Build the model the pre-speed-work way (float32, Keras's unfused batch norm),
+        whatever the config says: ``tile2audio bench train --baseline`` compares with it.
 
     Returns
     -------
     keras.Model
         ``.encoder`` maps (B, T, M, 1) to (B, D); ``train_step`` takes the sampler's dict
-        batches. Build it inside the strategy's scope.
+        batches; ``.export()`` gives the encoder with plain Keras layers, for saving.
+        Build it inside the strategy's scope. On one replica the encoder uses
+        :class:`~tile2audio.models.FusedBatchNorm`; on several, synchronised Keras batch norm.
     """
     import keras
     import tensorflow as tf
 
     from .losses import compute_losses
-    from .models import build_decoder, build_encoder
+    from .models import build_decoder, build_encoder, export_encoder
 
     loss_cfg = config.loss
     strategy = tf.distribute.get_strategy()
@@ -222,6 +251,10 @@ def build_triplet_model(config: TrainingConfig, tile_shape: tuple[int, int, int]
             self.encoder = encoder
             self.decoder = decoder
             self.trackers = {k: keras.metrics.Mean(name=k) for k in LOG_KEYS}
+
+        def export(self):
+            """The encoder as plain Keras layers in the run's precision (what is saved)."""
+            return export_encoder(self.encoder, config.model, precision)
 
         def call(self, x, training=False):
             return self.encoder(x, training=training)
@@ -253,6 +286,8 @@ def build_triplet_model(config: TrainingConfig, tile_shape: tuple[int, int, int]
                 out = compute_losses(loss_cfg, za, zn, zo, data, reconstructions=recon, tiles=(xa, xn, xo))
                 # Gradients are summed over replicas, so each replica contributes its share.
                 scaled = out["loss"] / tf.cast(replicas, out["loss"].dtype)
+                # Loss scaling under mixed_float16 (the optimizer unscales in apply); else identity.
+                scaled = self.optimizer.scale_loss(scaled)
             grads = tape.gradient(scaled, self.trainable_variables)
             self.optimizer.apply(grads, self.trainable_variables)
             for k, tracker in self.trackers.items():
@@ -264,7 +299,9 @@ def build_triplet_model(config: TrainingConfig, tile_shape: tuple[int, int, int]
             return results
 
     seed = config.train.seed
-    encoder = build_encoder(config.model, tile_shape, seed=seed)
+    precision = "float32" if baseline else resolve_precision(config.train.precision)
+    fused = strategy.num_replicas_in_sync == 1 and not baseline
+    encoder = build_encoder(config.model, tile_shape, seed=seed, precision=precision, fused_batch_norm=fused)
     decoder = None
     if config.model.decoder or config.loss.mse_weight > 0:
         activation = "sigmoid" if normalize == "minmax" else "linear"
@@ -310,7 +347,11 @@ def make_optimizer(config: TrainingConfig):
             initial_learning_rate=0.0, decay_steps=1, alpha=1.0,
             warmup_target=t.learning_rate, warmup_steps=t.warmup_steps,
         )
-    return keras.optimizers.Adam(learning_rate=lr)
+    optimizer = keras.optimizers.Adam(learning_rate=lr)
+    if resolve_precision(t.precision) == "mixed_float16":
+        # float16 gradients underflow without loss scaling (bfloat16 has float32's range).
+        return keras.optimizers.LossScaleOptimizer(optimizer)
+    return optimizer
 
 
 def save_keras_atomic(model: Any, path: Path) -> None:
@@ -486,6 +527,10 @@ def train(
     fc = open_cache(cache)
     if config.sampler.mode == "supervised" and (fc.index["label"].astype(str) == "").all():
         raise Tile2AudioError("sampler.mode 'supervised' needs labels, and the cache has none")
+    if config.train.precision == "auto":
+        # The run directory records the value chosen, so a resume on another machine keeps it.
+        config = replace(config, train=replace(config.train, precision=resolve_precision("auto")))
+        log.info("train.precision auto -> %s", config.train.precision)
     t = config.train
     keras.utils.set_random_seed(t.seed)
     # Non-chief workers keep their own copy of the outputs, so nothing is written twice.
@@ -516,11 +561,11 @@ def train(
     with strat.scope():
         model = build_triplet_model(config, tile_shape, fc.params.normalize)
         model(np.zeros((1,) + tile_shape, np.float32))
-        model.compile(optimizer=make_optimizer(config))
+        model.compile(optimizer=make_optimizer(config), jit_compile=t.jit_compile)
         model.optimizer.build(model.trainable_variables)
 
     if not (own_dir / "encoder_init.keras").is_file():
-        save_keras_atomic(model.encoder, own_dir / "encoder_init.keras")
+        save_keras_atomic(model.export(), own_dir / "encoder_init.keras")
 
     step = 0
     if resuming:
@@ -560,7 +605,7 @@ def train(
                   steps_per_epoch=t.steps_per_epoch, callbacks=callbacks, verbose=verbose, shuffle=False)
     elapsed = time.time() - started
 
-    save_keras_atomic(model.encoder, own_dir / "encoder.keras")
+    save_keras_atomic(model.export(), own_dir / "encoder.keras")
     previous = read_run(own_dir).get("train_seconds", 0.0)
     _update_run_json(own_dir, status="complete", step=int(model.optimizer.iterations.numpy()),
                      epoch=t.epochs, train_seconds=round(previous + elapsed, 2))
