@@ -161,6 +161,8 @@ class _ClipResult:
 def _analyse_clip(path: Path, params: FeatureParams) -> _ClipResult:
     """Load, check and featurise one clip; raise Tile2AudioError when it is unusable."""
     y = load_audio(path, params.sample_rate, params.channel)
+    if params.max_seconds is not None:
+        y = y[: max(1, int(round(params.max_seconds * params.sample_rate)))]
     duration = y.shape[0] / params.sample_rate
     notes: list[str] = []
     issues: list[str] = []

@@ -22,7 +22,7 @@ from typing import Mapping, Sequence
 
 import tensorflow as tf
 
-from .config import LossConfig
+from .config import LossConfig, is_auto
 from .errors import Tile2AudioError
 
 __all__ = [
@@ -327,6 +327,8 @@ def compute_losses(
     """
     if not isinstance(loss, LossConfig):
         raise Tile2AudioError(f"expected a LossConfig, got {type(loss).__name__}")
+    if is_auto(loss.symmetric):
+        raise Tile2AudioError("loss.symmetric is 'auto': resolve it with tile2audio.rules.choose_training first")
     za, zn, zo = _f32(za), _f32(zn), _f32(zo)
     if loss.negatives == "single":
         if loss.symmetric:

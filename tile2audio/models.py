@@ -119,7 +119,7 @@ def _check_model(model: ModelConfig) -> None:
     """Check the ModelConfig fields that config.py leaves unchecked."""
     if not isinstance(model, ModelConfig):
         raise Tile2AudioError(f"expected a ModelConfig, got {type(model).__name__}")
-    for name in ("kernel_size", "stride", "pool_size", "rnn_units", "resnet_width"):
+    for name in ("kernel_size", "stride", "pool_size", "rnn_units", "resnet_width", "frame_units"):
         value = getattr(model, name)
         if int(value) <= 0:
             raise Tile2AudioError(f"model.{name} must be > 0, got {value!r}")
@@ -167,8 +167,17 @@ def _conv_stack(x, model: ModelConfig, seeds: _Seeds):
     return x
 
 
-def _global_pool(x, how: str):
-    """Global average, max, or both over (time, mels); ``time``: average over time only."""
+def _global_pool(x, how: str, model: ModelConfig | None = None, seeds: "_Seeds | None" = None):
+    """Global average, max, or both over (time, mels); ``time``: average over time only;
+    ``frames``: per-frame dense layer over (mels x channels), then mean and max over time."""
+    if how == "frames":
+        _, mels, channels = x.shape[1:]
+        x = keras.layers.Reshape((-1, int(mels) * int(channels)), name="frames_to_features")(x)
+        x = keras.layers.Dense(model.frame_units, activation="relu", kernel_initializer=seeds.glorot(),
+                               name="frame_dense")(x)
+        avg = keras.layers.GlobalAveragePooling1D(name="time_avg")(x)
+        mx = keras.layers.GlobalMaxPooling1D(name="time_max")(x)
+        return keras.layers.Concatenate(name="time_avgmax")([avg, mx])
     if how == "time":
         # Keeps where in the spectrum a feature fired: the mel axis is not shift-invariant.
         _, mels, channels = x.shape[1:]
@@ -189,7 +198,7 @@ def _global_pool(x, how: str):
 def _cnn_body(x, model: ModelConfig, seeds: _Seeds):
     """Conv blocks then global pooling: (B, T, M, C) -> (B, F)."""
     x = _conv_stack(x, model, seeds)
-    return _global_pool(x, model.global_pool)
+    return _global_pool(x, model.global_pool, model, seeds)
 
 
 def _crnn_body(x, model: ModelConfig, seeds: _Seeds):

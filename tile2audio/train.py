@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from . import atomic
-from .config import TrainingConfig, dump_yaml, read_yaml, training_from_dict
+from .config import TrainingConfig, dump_yaml, is_auto, read_yaml, training_from_dict
 from .errors import Tile2AudioError
 
 log = logging.getLogger(__name__)
@@ -510,17 +510,24 @@ def train(
     import keras
 
     from .features import open_cache
+    from .rules import choose_training
     from .sampler import TripletSampler
 
-    config = config or TrainingConfig()
+    given = config = config or TrainingConfig()
     # MultiWorkerMirroredStrategy must exist before any other TensorFlow op runs.
     strat = make_strategy(strategy or config.train.strategy)
     worker, n_workers, chief = _worker_info(strat)
     out = Path(out)
+    auto: dict = {}
+    new_run = not resume or (exact and not is_run_dir(out))
+    if new_run and (config.tiles.is_auto or config.sampler.is_auto or is_auto(config.loss.symmetric)):
+        # The automatic rule reads the cache's clips first: the run's name uses the tile length.
+        first = open_cache(cache)
+        config, auto = choose_training(config, first.index, first.frames_per_second)
     run_dir, resuming = _resolve_run_dir(out, config, resume, exact, stamp="multiworker" if n_workers > 1 else None)
     if resuming:  # _resolve_run_dir only resumes existing run directories
         saved = load_run_config(run_dir)
-        if saved != config and config != TrainingConfig():
+        if saved != given and given != TrainingConfig():
             log.warning("resuming %s with its saved config; the config given now is ignored", run_dir)
         config = saved
         cache = read_run(run_dir).get("cache", cache)
@@ -543,7 +550,8 @@ def train(
             own_dir / "run.json",
             {"cache": str(Path(fc.path).resolve()), "status": "started", "step": 0, "epoch": 0,
              "label_free": config.sampler.label_free, "mode": config.sampler.mode,
-             "encoder": config.model.encoder, "seed": t.seed, "workers": n_workers, "train_seconds": 0.0},
+             "encoder": config.model.encoder, "seed": t.seed, "workers": n_workers, "train_seconds": 0.0,
+             "auto": auto},
         )
     log.info("run directory: %s", own_dir)
 
