@@ -252,3 +252,20 @@ def test_symmetric_single_uses_the_same_opposite_for_the_neighbour():
     both = compute_losses(_loss(margin=1.0, negatives="single", symmetric=True), za, zn, zo, {})
     assert float(plain["triplet"]) == pytest.approx((1.19 + 0.96) / 2, abs=1e-4)
     assert float(both["triplet"]) == pytest.approx((1.19 + 0.96 + 1.99 + 0.96) / 4, abs=1e-4)
+
+
+def test_npair_by_hand_ignores_excluded_negatives():
+    za = tf.constant([[1.0, 0.0], [0.0, 1.0]])
+    zn = tf.constant([[0.6, 0.8], [0.0, 1.0]])
+    zo = tf.constant([[0.0, 1.0], [1.0, 0.0]])
+    # Anchor 1's opposite shares anchor 0's clip: for anchor 0 it is no negative.
+    batch = {"anchor_clip": tf.constant([0, 1]), "opposite_clip": tf.constant([5, 0])}
+    out = compute_losses(_loss(kind="npair", temperature=0.5), za, zn, zo, batch)
+    t = 0.5
+    cands = np.concatenate([za.numpy(), zn.numpy(), zo.numpy()])
+    a = za.numpy()
+    expected = []
+    for i, valid in enumerate([[False, True, False, True, True, False], [True, False, True, False, True, True]]):
+        logits = [a[i] @ zn.numpy()[i] / t] + [a[i] @ c / t for c, ok in zip(cands, valid) if ok]
+        expected.append(-logits[0] + np.log(np.exp(logits).sum()))
+    assert float(out["triplet"]) == pytest.approx(np.mean(expected), rel=1e-5)

@@ -250,12 +250,17 @@ class LossConfig:
     other clip's tile in the batch as an opposite; ``semi_hard`` and ``hardest`` mine
     in-batch negatives with the clip (and group) as pseudo-label. ``batch_all`` is the
     default: more negatives per anchor trained better embeddings on the development sets.
+    ``kind``: ``triplet`` (the zero-filtered triplet loss, the default) or ``npair``
+    (softmax of the positive against the in-batch negatives at ``temperature``, for
+    comparison; it ignores ``margin``, ``distance``, ``reduction`` and ``negatives``).
     ``symmetric`` also uses each neighbour as an anchor (its anchor is then the positive),
     which doubles the triplets of a batch at no extra forward pass. ``auto`` (the default)
     turns it on for short clips only (:mod:`tile2audio.rules`): on the development sets it
     helped short environmental clips and cost music accuracy.
     """
 
+    kind: str = "triplet"
+    temperature: float = 0.1
     margin: float = 0.5
     distance: str = "squared"
     reduction: str = "zero_filtered"
@@ -266,6 +271,8 @@ class LossConfig:
     mse_weight: float = 0.0
 
     def __post_init__(self) -> None:
+        _check_choice("loss.kind", self.kind, ("triplet", "npair"))
+        _check_positive("loss.temperature", self.temperature)
         _check_choice("loss.distance", self.distance, ("squared", "euclidean"))
         _check_choice("loss.reduction", self.reduction, ("zero_filtered", "mean"))
         _check_choice("loss.negatives", self.negatives, ("single", "batch_all", "semi_hard", "hardest"))
