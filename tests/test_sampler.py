@@ -391,3 +391,14 @@ def test_group_exclusion_is_a_setting_of_its_own():
     assert (a != o).all() and ((a < 4) == (o < 4)).any(), "same-speaker opposites must be allowed"
     # The loss's in-batch negatives follow the same choice: every clip is its own group.
     np.testing.assert_array_equal(_cat(off_batches, "anchor_group"), a)
+
+
+def test_clip_fraction_draws_from_a_seeded_subset_only():
+    cache = FakeCache([100] * 20)
+    sampler = TripletSampler(cache, TILES, _sampler(clip_fraction=0.25), 64, seed=3)
+    seen = set(_cat(_batches(sampler, 4), "anchor_clip")) | set(_cat(_batches(sampler, 4), "opposite_clip"))
+    assert len(seen) == 5
+    again = TripletSampler(cache, TILES, _sampler(clip_fraction=0.25), 64, seed=3)
+    assert set(_cat(_batches(again, 4), "anchor_clip")) <= seen
+    with pytest.raises(Tile2AudioError, match="clip_fraction"):
+        _sampler(clip_fraction=0.0)

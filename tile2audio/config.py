@@ -162,7 +162,9 @@ class SamplerConfig:
 
     ``positive``: ``neighbour`` (a tile within the neighbourhood of the anchor) or
     ``view`` (two independent random crops of the clip, each augmented on its own: for
-    clips too short to hold distinct neighbours). ``exclude_group_opposites``: whether
+    clips too short to hold distinct neighbours). ``clip_fraction`` trains on a seeded
+    subset of the clips (learning curves; the probes still use every clip).
+    ``exclude_group_opposites``: whether
     clips of the anchor's ``group`` are barred as opposites and in-batch negatives (the
     probes always split by group, whatever this says). ``positive``, ``augment`` and
     ``exclude_group_opposites`` default to ``auto``, chosen from the data by
@@ -172,6 +174,7 @@ class SamplerConfig:
     mode: str = "tile2vec"
     positive: str = AUTO
     exclude_group_opposites: bool | str = AUTO
+    clip_fraction: float = 1.0
     memory_gb: float = 4.0
     rotate_steps: int = 500
     distant_prob: float = 0.5
@@ -191,6 +194,8 @@ class SamplerConfig:
         for name in ("augment", "exclude_group_opposites"):
             if isinstance(getattr(self, name), str):
                 _check_choice(f"sampler.{name}", getattr(self, name), (AUTO,))
+        if not 0.0 < self.clip_fraction <= 1.0:
+            raise Tile2AudioError(f"sampler.clip_fraction must be in (0, 1], got {self.clip_fraction!r}")
         _check_positive("sampler.memory_gb", self.memory_gb)
         _check_positive("sampler.rotate_steps", self.rotate_steps)
 

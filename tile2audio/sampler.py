@@ -291,6 +291,12 @@ class TripletSampler:
             rows = rows[labelled]
             if len(np.unique(self._label_codes[rows])) < 2:
                 raise Tile2AudioError("sampler.mode 'supervised' needs at least two distinct labels")
+        if self.config.clip_fraction < 1.0:
+            # A seeded subset of the clips (for learning curves); the probes still see every clip.
+            keep = max(2, int(round(self.config.clip_fraction * len(rows))))
+            rows = np.sort(np.random.default_rng(self.seed).choice(rows, size=min(keep, len(rows)), replace=False))
+            log.info("sampler: training on %d of the cache's clips (sampler.clip_fraction %.2f)", len(rows),
+                     self.config.clip_fraction)
         return rows
 
     def _clip_nbytes(self, rows: np.ndarray) -> np.ndarray:
