@@ -29,7 +29,7 @@ from typing import Sequence
 import numpy as np
 
 from . import atomic
-from .clusters import cluster_embeddings, cluster_features, cluster_sweep, plot_curves
+from .clusters import cluster_entries, plot_curves
 from .config import ClusterConfig, ProbeConfig, to_dict
 from .errors import Tile2AudioError
 from .probes import SMALL_PROBLEM, run_probes
@@ -217,20 +217,8 @@ def _clean(obj):
 
 
 def _cluster_all(entries, config: ClusterConfig, figure_entry, out_dir: Path) -> dict:
-    """Cluster sweep of every entry; the figure entry also writes cluster.json and its curves."""
-    results = []
-    for e in entries:
-        if e is figure_entry:
-            results.append(cluster_embeddings(e, config, out_dir))
-            continue
-        X, labels = cluster_features(e, config)
-        try:
-            r = cluster_sweep(X, labels, config)
-        except Tile2AudioError as exc:
-            log.warning("k-means analysis of %s skipped: %s", e.name, exc)
-            continue
-        results.append({"name": e.name, "kind": e.kind, "level": config.level, **r})
-    return {"figure_entry": figure_entry.name, "entries": results}
+    """Cluster sweep of every entry; the figure entry also draws its curves."""
+    return cluster_entries(entries, config, out_dir, figure_entry=figure_entry)
 
 
 def _wrap_cluster(cluster_result: dict, figure_name: str) -> dict:
