@@ -105,3 +105,24 @@ def test_opensmile_rows_in_probe_and_kmeans_tables(tmp_path, tone_fn, write_audi
     cl = cluster_entries(sets, ClusterConfig(k_min=2, k_max=3, gap=False), tmp_path / "cl")
     assert [e["kind"] for e in cl["entries"]] == ["mfcc", "egemaps"]
     assert json.loads((tmp_path / "cl" / "cluster.json").read_text())["figure_entry"] == sets[0].name
+
+
+@needs_opensmile
+def test_a_main_script_importing_tensorflow_is_a_clear_error(tmp_path, tone_fn, write_audio):
+    """Spawned workers re-import the main script: one with a top-level TF import is refused, not NaN."""
+    wav = write_audio(tmp_path / "x.wav", tone_fn(1.0))
+    script = tmp_path / "user_script.py"
+    script.write_text(
+        "import tensorflow\n"
+        "from tile2audio import baselines\n"
+        "from tile2audio.errors import Tile2AudioError\n"
+        "if __name__ == '__main__':\n"
+        "    try:\n"
+        f"        baselines.opensmile_matrix([{str(wav)!r}], ['x'], 'egemaps', jobs=1, progress=False)\n"
+        "    except Tile2AudioError as exc:\n"
+        "        print('ERROR', exc)\n"
+    )
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=600, cwd=tmp_path,
+                          env={**__import__("os").environ, "PYTHONPATH": str(REPO), "TF_CPP_MIN_LOG_LEVEL": "3"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "ERROR" in done.stdout and "if __name__ == '__main__'" in done.stdout

@@ -266,6 +266,12 @@ def _fill(rows: dict, todo: list, cache_file: Path | None, sample_rate: int, job
             if cache_file is not None and time.monotonic() - last_save > _SAVE_EVERY_SECONDS:
                 save()
                 last_save = time.monotonic()
+    except _TensorFlowInWorker as exc:
+        raise Tile2AudioError(
+            f"the {spec.title} worker processes import TensorFlow, and openSMILE must not share a process "
+            "with it: spawned workers re-import the main script, so move its top-level `import tensorflow` "
+            "(or keras) into a function or under `if __name__ == '__main__':`"
+        ) from exc
     except BrokenProcessPool as exc:
         raise Tile2AudioError(
             f"a {spec.title} worker process died (out of memory, or a crash in a decoder); the rows "
@@ -450,10 +456,16 @@ def opensmile_functionals(y: np.ndarray, sr: int, kind: str = "egemaps") -> np.n
     return row
 
 
+class _TensorFlowInWorker(RuntimeError):
+    """A worker process has TensorFlow loaded (its parent's main script imports it)."""
+
+
 def _smile_row(path: str, sample_rate: int, kind: str) -> tuple[np.ndarray | None, str]:
     """openSMILE functionals of one file, or (None, reason); runs in a worker process."""
     from .audio import load_audio
 
+    if "tensorflow" in sys.modules:  # stops the whole extraction, not one clip (see _fill)
+        raise _TensorFlowInWorker(f"worker {os.getpid()} has imported TensorFlow")
     try:
         return opensmile_functionals(load_audio(path, sample_rate), sample_rate, kind), ""
     except Tile2AudioError as exc:
