@@ -509,6 +509,7 @@ def resume_config(run_dir: str | os.PathLike, config: TrainingConfig | None) -> 
     longer = dataclasses.replace(saved, train=dataclasses.replace(saved.train, epochs=epochs))
     log.info("training %s longer: %d -> %d epochs", run_dir, saved.train.epochs, epochs)
     atomic.write_text(run_dir / "config.yaml", dump_yaml(longer))
+    _update_run_json(run_dir, status="training")  # no longer complete until the new epochs are done
     return longer
 
 
