@@ -394,3 +394,49 @@ def cluster_embeddings(emb, config: ClusterConfig = ClusterConfig(), out_dir: st
     result["figure"] = "kmeans_curves.png"
     atomic.write_json(out_dir / "cluster.json", result)
     return result
+
+
+def cluster_entries(entries, config: ClusterConfig = ClusterConfig(), out_dir: str | Path = ".",
+                    figure_entry=None) -> dict:
+    """Cluster-count analysis of several embedding sets on the same clips.
+
+    The k-means table of a report: the trained run beside its random-weight twin and
+    the handcrafted baselines, so NMI, ARI, purity and matched accuracy are read against
+    references (as the probe table is).
+
+    Parameters
+    ----------
+    entries : list of tile2audio.embed.EmbeddingSet
+    config : ClusterConfig
+    out_dir : folder of ``cluster.json`` (and of the figure entry's ``kmeans_curves.png``)
+    figure_entry : EmbeddingSet or None
+        The entry whose curves are drawn (default: the first).
+
+    Returns
+    -------
+    dict
+        ``{"figure_entry": name, "entries": [result, ...]}``, one
+        :func:`cluster_embeddings`-style result per entry (entries that cannot be
+        clustered, e.g. too few clips, are skipped with a warning); also written as
+        ``out_dir/cluster.json``.
+    """
+    if not entries:
+        raise Tile2AudioError("cluster_entries needs at least one embedding set")
+    figure_entry = entries[0] if figure_entry is None else figure_entry
+    out_dir = Path(out_dir)
+    results = []
+    for e in entries:
+        if e is figure_entry:
+            results.append(cluster_embeddings(e, config, out_dir))
+            continue
+        X, labels = cluster_features(e, config)
+        try:
+            r = cluster_sweep(X, labels, config)
+        except Tile2AudioError as exc:
+            log.warning("k-means analysis of %s skipped: %s", e.name, exc)
+            continue
+        results.append({"name": e.name, "kind": e.kind, "level": config.level,
+                        "pooling": e.meta.get("pooling", config.pooling) if config.level == "clip" else None, **r})
+    result = {"figure_entry": figure_entry.name, "entries": results}
+    atomic.write_json(out_dir / "cluster.json", result)
+    return result

@@ -378,6 +378,12 @@ class ProbeConfig:
     ``fixed_c`` skips the C search (used to reproduce a published anchor).
     ``pooling`` defaults to ``meanstd`` (mean and std of the tile embeddings): on the
     development sets it beat mean pooling for the trained encoders (experiments/README.md).
+    ``baselines`` lists the handcrafted baselines shown beside the trained run and its
+    random-weight twin in the probe and k-means tables: ``mfcc``, ``egemaps``
+    (openSMILE eGeMAPSv02) and ``compare`` (ComParE_2016); the openSMILE ones need
+    ``pip install -e ".[opensmile]"``. Unset (None), it is every kind installed:
+    ``[mfcc, egemaps, compare]`` with openSMILE, ``[mfcc]`` without
+    (:func:`tile2audio.baselines.resolve_baselines`).
     """
 
     protocol: str = "auto"
@@ -389,9 +395,14 @@ class ProbeConfig:
     pooling: str = "meanstd"
     level: str = "clip"
     seed: int = 0
+    baselines: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         _check_choice("probe.protocol", self.protocol, ("auto", "split", "fold", "kfold"))
+        for kind in self.baselines or ():
+            _check_choice("probe.baselines[]", kind, ("mfcc", "egemaps", "compare"))
+        if self.baselines is not None and len(set(self.baselines)) != len(self.baselines):
+            raise Tile2AudioError(f"probe.baselines lists a kind twice: {list(self.baselines)}")
         _check_choice("probe.pooling", self.pooling, ("mean", "meanstd", "max"))
         _check_choice("probe.level", self.level, ("clip", "tile"))
 

@@ -15,10 +15,12 @@ as an uninterrupted one and sees the same batches.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import logging
 import os
 import shutil
+import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -27,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from . import atomic
-from .config import TrainingConfig, dump_yaml, is_auto, read_yaml, training_from_dict
+from .config import TrainingConfig, dump_yaml, is_auto, read_yaml, to_dict, training_from_dict
 from .errors import Tile2AudioError
 
 log = logging.getLogger(__name__)
@@ -472,6 +474,86 @@ def _make_probe_fn(cache, config: TrainingConfig, max_clips: int = 300):
 # --------------------------------------------------------------------------- entry point
 
 
+def _is_terminal() -> bool:
+    """True when stdout is an interactive terminal (not a pipe, a file or a CI log)."""
+    return bool(getattr(sys.stdout, "isatty", None) and sys.stdout.isatty())
+
+
+def _epoch_line_callback(epochs: int):
+    """A Keras callback printing one line per epoch to stdout: epoch, step, seconds, the logs."""
+    import keras
+
+    class EpochLine(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            self.started = time.time()
+
+        def on_epoch_end(self, epoch, logs=None):
+            logs = dict(logs or {})
+            step = int(logs.pop("step", 0))
+            values = " - ".join(f"{k} {float(v):.4g}" for k, v in logs.items())
+            print(f"epoch {epoch + 1}/{epochs} - step {step} - {time.time() - self.started:.1f} s - {values}",
+                  flush=True)
+
+    return EpochLine()
+
+
+def _flat(cfg: TrainingConfig) -> dict:
+    """``section.key -> value`` of a training config."""
+    return {f"{sec}.{k}": v for sec, d in to_dict(cfg).items() if isinstance(d, dict) for k, v in d.items()}
+
+
+def resume_config(run_dir: str | os.PathLike, config: TrainingConfig | None) -> TrainingConfig:
+    """The config to resume a run with: its saved one, with ``train.epochs`` possibly raised.
+
+    Only ``train.epochs`` may change on resume, and only upwards: with a larger value a
+    complete run continues from its last checkpoint to the new number of epochs (its
+    ``config.yaml`` is updated; a cosine learning-rate schedule is rebuilt for the new
+    length and continues from the step reached). The keys compared are those of
+    ``config`` that differ from the defaults (what ``--config`` / ``--set`` gave; a key
+    set to its default value cannot be told from one not given).
+
+    Parameters
+    ----------
+    run_dir : path of an existing run
+    config : TrainingConfig or None
+        The config given now.
+
+    Returns
+    -------
+    TrainingConfig
+
+    Raises
+    ------
+    Tile2AudioError
+        Naming every other key whose given value differs from the run's, or a
+        ``train.epochs`` smaller than the run's.
+    """
+    run_dir = Path(run_dir)
+    saved = load_run_config(run_dir)
+    if config is None or config == saved:
+        return saved
+    given, default, old = _flat(config), _flat(TrainingConfig()), _flat(saved)
+    changed = sorted(k for k, v in given.items() if v != default[k] and v != old[k])
+    others = [k for k in changed if k != "train.epochs"]
+    if others:
+        raise Tile2AudioError(
+            f"--resume: {run_dir} was trained with other settings for "
+            + ", ".join(f"{k} (run: {old[k]!r}, given: {given[k]!r})" for k in others)
+            + "; only train.epochs may change on resume (to train longer)"
+        )
+    if "train.epochs" not in changed:
+        return saved
+    epochs = config.train.epochs
+    if epochs < saved.train.epochs:
+        raise Tile2AudioError(f"--resume: train.epochs can only grow ({run_dir} has {saved.train.epochs}, "
+                              f"given {epochs})")
+    longer = dataclasses.replace(saved, train=dataclasses.replace(saved.train, epochs=epochs))
+    log.info("training %s longer: %d -> %d epochs", run_dir, saved.train.epochs, epochs)
+    atomic.write_text(run_dir / "config.yaml", dump_yaml(longer))
+    _update_run_json(run_dir, status="training")  # no longer complete until the new epochs are done
+    return longer
+
+
 def train(
     cache: str | os.PathLike,
     out: str | os.PathLike,
@@ -492,7 +574,9 @@ def train(
         Where runs go: a new run directory named by :func:`run_name` is made inside it.
         If ``out`` already is a run directory (or ``exact=True``), it is used as is.
     config : TrainingConfig, optional
-        Defaults to ``TrainingConfig()``. When resuming, the run's saved config is used.
+        Defaults to ``TrainingConfig()``. When resuming, the run's saved config is used,
+        except that a larger ``train.epochs`` trains a run longer (see
+        :func:`resume_config`).
     resume : bool
         Continue the newest checkpoint of the run (``out``, or the newest run in ``out``).
     exact : bool
@@ -500,7 +584,8 @@ def train(
     strategy : str, optional
         ``auto``, ``one``, ``mirrored`` or ``multiworker``; defaults to ``train.strategy``.
     progress : bool
-        Show Keras's progress bar.
+        Show Keras's progress bar when stdout is a terminal; otherwise (and without
+        progress) print one line per epoch (``epoch 3/10 - step 300 - 12.1 s - loss ...``).
 
     Returns
     -------
@@ -526,10 +611,8 @@ def train(
         config, auto = choose_training(config, first.index, first.frames_per_second)
     run_dir, resuming = _resolve_run_dir(out, config, resume, exact, stamp="multiworker" if n_workers > 1 else None)
     if resuming:  # _resolve_run_dir only resumes existing run directories
-        saved = load_run_config(run_dir)
-        if saved != given and given != TrainingConfig():
-            log.warning("resuming %s with its saved config; the config given now is ignored", run_dir)
-        config = saved
+        # Compared as given: "auto" values equal the defaults, so they never count as a change.
+        config = resume_config(run_dir, given)
         cache = read_run(run_dir).get("cache", cache)
     fc = open_cache(cache)
     if config.sampler.mode == "supervised" and (fc.index["label"].astype(str) == "").all():
@@ -602,7 +685,10 @@ def train(
     callbacks = _callbacks(run_dir, model, config, chief, probe_fn)
     started = time.time()
     epoch, offset = divmod(step, t.steps_per_epoch)
-    verbose = 1 if progress else 2
+    # Keras's bar is for terminals; in a CI log, `| tee` or nohup it is one line per epoch.
+    verbose = 1 if progress and _is_terminal() else 0
+    if not verbose:
+        callbacks = callbacks + [_epoch_line_callback(t.epochs)]
     if offset:
         # Finish the interrupted epoch first, then run whole epochs.
         model.fit(dataset_from(step), epochs=epoch + 1, initial_epoch=epoch,
