@@ -55,6 +55,10 @@ def reuse_cache(cfg, out: Path, other: Path) -> bool:
 def run_trial(name: str, experiment: str, overrides: list[str], note: str = "", reuse: str | None = None,
               write: bool = True) -> dict:
     """Run the experiment with overrides and record the result JSON (``write``)."""
+    if not any(o.startswith("probe.baselines=") for o in overrides):
+        # Trials compare with MFCC statistics and the random twin; openSMILE's ComParE set
+        # (6373-d) alone costs minutes per probe, so it is measured once, not per trial.
+        overrides = overrides + ["probe.baselines=[mfcc]"]
     cfg = load_experiment(experiment, overrides)
     out = Path("runs") / "trials" / name
     if reuse and not reuse_cache(cfg, out, Path("runs") / "trials" / reuse):
