@@ -113,7 +113,7 @@ def run_seeds(name: str, experiment: str, overrides: list[str], seeds: list[int]
 
 def render() -> str:
     """The Markdown table of every recorded trial, oldest first."""
-    records = sorted((json.loads(p.read_text()) for p in RESULTS.glob("*.json")),
+    records = sorted((json.loads(p.read_text()) for p in RESULTS.glob("*.json") if not p.name.startswith("layers-")),
                      key=lambda r: (r["experiment"], r.get("recorded", 0), r["name"]))
     lines = ["| trial | data | changes | seeds | train s | trained acc / F1 | random acc / F1 | MFCC acc / F1 | note |",
              "| --- | --- | --- | --- | ---: | --- | --- | --- | --- |"]
