@@ -51,6 +51,7 @@ from threadpoolctl import threadpool_limits
 from . import atomic
 from .config import ClusterConfig
 from .errors import Tile2AudioError
+from .plots import plot_curves
 from .probes import SMALL_PROBLEM
 
 log = logging.getLogger(__name__)
@@ -312,52 +313,6 @@ def _label_part(X, labels, n_classes, chosen, assigns, config) -> dict:
         if "n_classes" in why[k]:
             out["at_n_classes"] = entry
     return out
-
-
-def plot_curves(result: dict, path: str | Path, title: str = "k-means cluster-count analysis") -> Path:
-    """Draw inertia (elbow) and silhouette against k, chosen k marked; save a PNG.
-
-    Parameters
-    ----------
-    result : dict from :func:`cluster_sweep`
-    path : output .png
-    title : figure title
-
-    Returns
-    -------
-    Path
-    """
-    from .report import _pyplot, _save  # here, not at the top: report imports this module
-
-    plt = _pyplot()
-    ks = result["ks"]
-    curves = result["curves"]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    panels = [("inertia", "Inertia (within-cluster sum of squares)", "elbow"),
-              ("silhouette", "Silhouette score", "silhouette")]
-    for ax, (key, ylabel, crit) in zip(axes, panels):
-        pts = [(r["k"], r[key]) for r in curves if r[key] is not None]
-        if pts:
-            ax.plot(*zip(*pts), marker="o", color="tab:blue")
-        k = result["chosen"].get(crit)
-        if k is not None:
-            ax.axvline(k, color="tab:red", linestyle="--", label=f"{crit} pick: k = {k}")
-        nc = result.get("n_classes")
-        if nc and ks[0] <= nc <= ks[-1]:
-            ax.axvline(nc, color="grey", linestyle=":", label=f"classes: {nc}")
-        ax.set_xlabel("number of clusters k")
-        ax.set_ylabel(ylabel)
-        ax.set_xticks(ks if len(ks) <= 20 else ks[:: max(1, len(ks) // 20)])
-        ax.grid(alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(loc="best")
-    axes[0].set_title("Elbow (kneedle rule)")
-    axes[1].set_title("Silhouette (higher is better)")
-    fig.suptitle(title + (" (standardised features)" if result.get("standardized") else ""))
-    fig.tight_layout()
-    path = Path(path)
-    _save(fig, path)
-    return path
 
 
 def cluster_features(emb, config: ClusterConfig) -> tuple[np.ndarray, np.ndarray]:
