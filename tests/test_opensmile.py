@@ -126,3 +126,4 @@ def test_a_main_script_importing_tensorflow_is_a_clear_error(tmp_path, tone_fn, 
                           env={**__import__("os").environ, "PYTHONPATH": str(REPO), "TF_CPP_MIN_LOG_LEVEL": "3"})
     assert done.returncode == 0, done.stderr[-2000:]
     assert "ERROR" in done.stdout and "if __name__ == '__main__'" in done.stdout
+

@@ -101,12 +101,18 @@ def mfcc_statistics(y: np.ndarray, sr: int) -> np.ndarray:
     return np.concatenate([feats.mean(axis=1), feats.std(axis=1)]).astype(np.float32)
 
 
-def _clip_row(path: str, sample_rate: int) -> tuple[np.ndarray | None, str]:
-    """Statistics of one file, or (None, reason); runs in a worker process."""
+def _decode(path: str, sample_rate: int, max_seconds: float | None) -> np.ndarray:
+    """The file's samples, cut to its first ``max_seconds`` like the feature cache's (``features.max_seconds``)."""
     from .audio import load_audio
 
+    y = load_audio(path, sample_rate)
+    return y if max_seconds is None else y[: max(1, int(round(max_seconds * sample_rate)))]
+
+
+def _clip_row(path: str, sample_rate: int, max_seconds: float | None = None) -> tuple[np.ndarray | None, str]:
+    """Statistics of one file, or (None, reason); runs in a worker process."""
     try:
-        return mfcc_statistics(load_audio(path, sample_rate), sample_rate), ""
+        return mfcc_statistics(_decode(path, sample_rate, max_seconds), sample_rate), ""
     except Tile2AudioError as exc:
         return None, str(exc)
     except Exception as exc:  # noqa: BLE001 - a library error in one file must not stop the rest
@@ -144,14 +150,15 @@ def _write_cache(cache_file: Path, rows: dict[str, tuple[str, np.ndarray]], samp
     )
 
 
-def _compute(todo: list[tuple[str, str]], sample_rate: int, jobs: int, progress: bool, kind: str = "mfcc"):
+def _compute(todo: list[tuple[str, str]], sample_rate: int, jobs: int, progress: bool, kind: str = "mfcc",
+             max_seconds: float | None = None):
     """Yield (clip_id, path, row or None, reason) for every pending clip."""
     spec = KINDS[kind]
     bar = tqdm(total=len(todo), desc=f"{spec.title} baseline", unit="clip", disable=not progress)
     try:
         if kind == "mfcc" and (jobs <= 1 or len(todo) < 2):
             for cid, path in todo:
-                yield (cid, path, *_clip_row(path, sample_rate))
+                yield (cid, path, *_clip_row(path, sample_rate, max_seconds))
                 bar.update()
             return
         # spawn: the parent may have imported tensorflow, which does not survive fork
@@ -161,10 +168,11 @@ def _compute(todo: list[tuple[str, str]], sample_rate: int, jobs: int, progress:
             chunk = max(1, min(16, len(todo) // (4 * jobs)))
             n = len(todo)
             if kind == "mfcc":
-                results = pool.map(_clip_row, [p for _, p in todo], [sample_rate] * n, chunksize=chunk)
+                results = pool.map(_clip_row, [p for _, p in todo], [sample_rate] * n, [max_seconds] * n,
+                                   chunksize=chunk)
             else:
                 results = pool.map(_smile_row, [p for _, p in todo], [sample_rate] * n, [kind] * n,
-                                   chunksize=chunk)
+                                   [max_seconds] * n, chunksize=chunk)
             for (cid, path), (row, reason) in zip(todo, results):
                 yield cid, path, row, reason
                 bar.update()
@@ -215,6 +223,7 @@ def baseline_matrix(
     sample_rate: int = 22050,
     jobs: int | None = None,
     progress: bool = True,
+    max_seconds: float | None = None,
 ) -> np.ndarray:
     """Features of one baseline kind for many files, in parallel and cached.
 
@@ -224,6 +233,9 @@ def baseline_matrix(
     paths, clip_ids, cache_file, sample_rate, jobs, progress : see :func:`mfcc_matrix`
         For the openSMILE kinds ``jobs=1`` still means one worker process (never the
         calling process).
+    max_seconds : float, optional
+        Use only the first ``max_seconds`` of each file, as a cache built with
+        ``features.max_seconds`` does (so that baselines see the same audio as the encoder).
 
     Returns
     -------
@@ -244,20 +256,20 @@ def baseline_matrix(
     rows = _read_cache(cache_file, sample_rate, spec.version)
     todo = [(c, p) for c, p in zip(clip_ids, paths) if c not in rows or rows[c][0] != p]
     if todo:
-        _fill(rows, todo, cache_file, sample_rate, jobs, progress, kind)
+        _fill(rows, todo, cache_file, sample_rate, jobs, progress, kind, max_seconds)
     nan = np.full(spec.dim, np.nan, dtype=np.float32)
     return np.stack([rows.get(c, ("", nan))[1] for c in clip_ids]).astype(np.float32)
 
 
 def _fill(rows: dict, todo: list, cache_file: Path | None, sample_rate: int, jobs: int | None, progress: bool,
-          kind: str = "mfcc") -> None:
+          kind: str = "mfcc", max_seconds: float | None = None) -> None:
     """Compute the pending rows into ``rows``, saving the cache now and then."""
     spec = KINDS[kind]
     jobs = max(1, min(jobs or os.cpu_count() or 1, len(todo)))
     failed, last_save = [], time.monotonic()
     save = lambda: _write_cache(cache_file, rows, sample_rate, spec.dim, spec.version)  # noqa: E731
     try:
-        for cid, path, row, reason in _compute(todo, sample_rate, jobs, progress, kind):
+        for cid, path, row, reason in _compute(todo, sample_rate, jobs, progress, kind, max_seconds):
             if row is None:
                 log.warning("%s baseline: %s gets a row of NaN (%s)", spec.title, cid, reason)
                 failed.append(cid)
@@ -321,6 +333,7 @@ def baseline_embeddings(
     jobs: int | None = None,
     progress: bool = True,
     name: str | None = None,
+    max_seconds: float | None = None,
 ):
     """One baseline kind of a clip table as an :class:`~tile2audio.embed.EmbeddingSet`.
 
@@ -329,6 +342,7 @@ def baseline_embeddings(
     kind : ``mfcc``, ``egemaps`` or ``compare``
     clips, paths, cache_file, sample_rate, jobs, progress : see :func:`mfcc_embeddings`
     name : display name (default: :attr:`BaselineKind.title`)
+    max_seconds : crop of each file, see :func:`baseline_matrix` (the cache's ``features.max_seconds``)
 
     Returns
     -------
@@ -339,7 +353,7 @@ def baseline_embeddings(
     from .embed import from_clip_matrix
 
     matrix = baseline_matrix(kind, paths, clips["clip_id"].astype(str).tolist(), cache_file=cache_file,
-                             sample_rate=sample_rate, jobs=jobs, progress=progress)
+                             sample_rate=sample_rate, jobs=jobs, progress=progress, max_seconds=max_seconds)
     return from_clip_matrix(clips, matrix, name=name or KINDS[kind].title, kind=kind)
 
 
@@ -460,14 +474,12 @@ class _TensorFlowInWorker(RuntimeError):
     """A worker process has TensorFlow loaded (its parent's main script imports it)."""
 
 
-def _smile_row(path: str, sample_rate: int, kind: str) -> tuple[np.ndarray | None, str]:
+def _smile_row(path: str, sample_rate: int, kind: str, max_seconds: float | None = None) -> tuple[np.ndarray | None, str]:
     """openSMILE functionals of one file, or (None, reason); runs in a worker process."""
-    from .audio import load_audio
-
     if "tensorflow" in sys.modules:  # stops the whole extraction, not one clip (see _fill)
         raise _TensorFlowInWorker(f"worker {os.getpid()} has imported TensorFlow")
     try:
-        return opensmile_functionals(load_audio(path, sample_rate), sample_rate, kind), ""
+        return opensmile_functionals(_decode(path, sample_rate, max_seconds), sample_rate, kind), ""
     except Tile2AudioError as exc:
         return None, str(exc)
     except Exception as exc:  # noqa: BLE001 - a library error in one file must not stop the rest

@@ -181,7 +181,9 @@ def baseline_sets(cache_dir: str | os.PathLike, kinds: Sequence[str] | None = No
     cache = open_cache(cache_dir)
     idx = cache.index
     paths = [Path(r) / p for r, p in zip(idx["root"], idx["path"])]
-    return [baseline_embeddings(k, idx, paths, cache_file=Path(cache.path) / KINDS[k].cache_name, progress=progress)
+    # Baselines see the same audio as the encoder: the cache's crop (features.max_seconds) too.
+    return [baseline_embeddings(k, idx, paths, cache_file=Path(cache.path) / KINDS[k].cache_name, progress=progress,
+                                max_seconds=cache.params.max_seconds)
             for k in resolve_baselines(kinds)]
 
 
