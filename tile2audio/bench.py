@@ -37,8 +37,9 @@ Measures, on the built-in synthetic demo data (or a folder of labelled audio):
     (``build_triplet_model(..., baseline=True)``: float32, Keras's unfused batch norm)
     under ``baseline`` (same keys), and ``speedup`` / ``model_only_speedup`` are the
     ratios of triplets/s, fast over baseline. The two models' steps are interleaved
-    (fast, baseline, fast, baseline, each ``seconds / 2``) and the medians kept, so load
-    from other processes on a shared machine hits both alike.
+    (fast, baseline, fast, baseline, each ``seconds / 2``) and the median (with two
+    halves, the mean) of each figure kept, so load from other processes on a shared
+    machine hits both alike.
     ``memory_bounded``: peak RSS of a short training run whose ``sampler.memory_gb`` is a
     quarter of the cache's float32 size (so the sampler rotates pools), beside the same
     run with an unbounded budget, and the budget itself.
@@ -402,13 +403,13 @@ def _train_stage(cache_dir: str, training: TrainingConfig, seconds: float, basel
         models[name] = model
     fixed = next(iter(sampler.dataset()))
     in_memory = tf.data.Dataset.from_tensors(fixed).repeat()
-    # Interleaved halves, medians kept: a burst of load from elsewhere hits both variants.
+    # Interleaved halves: a burst of load from elsewhere hits both variants alike.
     timings: dict[str, dict[str, list]] = {name: {"pipeline": [], "model_only": []} for name in models}
     for _ in range(2):
         for name, model in models.items():
             timings[name]["pipeline"].append(_time_fit(model, sampler.dataset(), seconds / 2, t.batch_size))
             timings[name]["model_only"].append(_time_fit(model, in_memory, seconds / 2, t.batch_size))
-    figures = {name: _step_figures(model, timings[name], t.batch_size, sampler.tile_shape, peaks)
+    figures = {name: _step_figures(model, timings[name], t.batch_size, peaks)
                for name, model in models.items()}
     out = {
         "device": _device(), "precision": resolve_precision(t.precision),
@@ -424,7 +425,7 @@ def _train_stage(cache_dir: str, training: TrainingConfig, seconds: float, basel
     return out
 
 
-def _step_figures(model, timing: dict[str, list], batch_size: int, tile_shape, peaks: dict) -> dict:
+def _step_figures(model, timing: dict[str, list], batch_size: int, peaks: dict) -> dict:
     """Median step figures of one model, its GFLOP per triplet and the share of the peaks reached."""
     import statistics
 
