@@ -9,9 +9,11 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from tile2audio.bench import run_bench
+from tile2audio.bench import forward_flops, run_bench
 from tile2audio.config import ExperimentConfig, FeatureParams, ModelConfig, TileConfig, TrainConfig
 from tile2audio.errors import Tile2AudioError
+from tile2audio.models import build_encoder
+from tile2audio.train import resolve_precision
 
 SR = 8000
 TINY = ExperimentConfig(
@@ -66,7 +68,8 @@ def test_features_and_sampler(folder, tmp_path):
 
 
 def test_train_one_encoder(folder):
-    result = run_bench("train", data=folder, seconds=0.2, settings=TINY, encoders=["cnn"])
+    result = run_bench("train", data=folder, seconds=0.2, settings=TINY, encoders=["cnn"], baseline=True,
+                       matmul_size=64)
     tr = result["train"]
     assert tr["device"] == "cpu" or tr["device"].startswith("/physical_device:GPU")
     cnn = tr["cnn"]
@@ -76,6 +79,24 @@ def test_train_one_encoder(folder):
     assert cnn["batch_size"] == 8 and cnn["steps_timed"] >= 2
     assert cnn["triplets_per_s"] == pytest.approx(8000.0 / cnn["ms_per_step"])
     assert "crnn" not in tr and _positive(tr["peak_rss_mb"])
+    # Work and hardware use: the figures must agree with each other and with the model.
+    assert cnn["precision"] == resolve_precision("auto")
+    peaks = cnn["matmul_peaks"]
+    assert peaks["size"] == 64
+    assert _positive(peaks["float32_gflop_per_s"]) and _positive(peaks["bfloat16_gflop_per_s"])
+    expected = 9 * forward_flops(build_encoder(TINY.model, tuple(cnn["tile_shape"]))) / 1e9
+    for figures in (cnn, cnn["baseline"]):
+        for key in ("triplets_per_s", "model_only_triplets_per_s", "ms_per_step", "gflop_per_s"):
+            assert _positive(figures[key]), key
+        assert figures["gflop_per_triplet"] == pytest.approx(expected)
+        assert figures["gflop_per_s"] == pytest.approx(figures["gflop_per_triplet"] * figures["model_only_triplets_per_s"])
+        assert figures["pct_of_fp32_peak"] == pytest.approx(100 * figures["gflop_per_s"] / peaks["float32_gflop_per_s"])
+        assert figures["pct_of_bf16_peak"] == pytest.approx(100 * figures["gflop_per_s"] / peaks["bfloat16_gflop_per_s"])
+        assert figures["model_only_triplets_per_s"] == pytest.approx(8000.0 / figures["model_only_ms_per_step"])
+    assert cnn["speedup"] == pytest.approx(cnn["triplets_per_s"] / cnn["baseline"]["triplets_per_s"])
+    assert cnn["model_only_speedup"] == pytest.approx(
+        cnn["model_only_triplets_per_s"] / cnn["baseline"]["model_only_triplets_per_s"])
+    assert _positive(cnn["embed_tiles_per_s"]) and _positive(cnn["embed_float32_tiles_per_s"])
     mem = tr["memory_bounded"]
     assert mem["rotating"] is True
     assert mem["budget_mb"] == pytest.approx(mem["cache_float32_mb"] / 4)
@@ -87,10 +108,26 @@ def test_train_one_encoder(folder):
     ({"what": "everything"}, "what must be one of"),
     ({"what": "train", "encoders": ["transformer"]}, "encoders must be"),
     ({"what": "features", "seconds": 0}, "seconds must be > 0"),
+    ({"what": "train", "matmul_size": 0}, "matmul_size must be a positive integer"),
 ])
 def test_bad_arguments(kwargs, match, folder):
     with pytest.raises(Tile2AudioError, match=match):
         run_bench(data=folder, **kwargs)
+
+
+def test_forward_flops_counts_conv_dense_and_gru_layer_by_layer():
+    import keras
+
+    x = keras.Input((10, 6, 1))
+    y = keras.layers.Conv2D(4, 3, padding="same", use_bias=False)(x)  # 10*6 positions x 3*3*1*4
+    y = keras.layers.MaxPooling2D((1, 6))(y)
+    y = keras.layers.Reshape((10, 4))(y)
+    y = keras.layers.Bidirectional(keras.layers.GRU(5))(y)  # 2 directions x 10 steps x (4*15 + 5*15)
+    y = keras.layers.Dense(3)(y)  # 10*3
+    model = keras.Model(x, y)
+    assert forward_flops(model) == 2 * (10 * 6 * 9 * 4 + 2 * 10 * (4 * 15 + 5 * 15) + 10 * 3)
+    outer = keras.Sequential([keras.Input((10, 6, 1)), model])
+    assert forward_flops(outer) == forward_flops(model)
 
 
 def test_missing_data_folder_is_a_clear_error(tmp_path):

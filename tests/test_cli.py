@@ -36,3 +36,17 @@ def test_manifest_and_features_commands(tmp_path, write_audio, tone_fn, capsys):
 def test_python_dash_m_works():
     result = subprocess.run([sys.executable, "-m", "tile2audio", "--help"], capture_output=True, text=True)
     assert result.returncode == 0 and "manifest" in result.stdout and "bench" in result.stdout
+
+
+def test_bench_passes_baseline_and_encoders(monkeypatch, capsys):
+    import tile2audio.bench
+
+    calls = []
+    monkeypatch.setattr(tile2audio.bench, "run_bench", lambda *a, **k: calls.append((a, k)) or {"ok": 1})
+    assert main(["bench", "train", "--baseline", "--encoders", "cnn,crnn", "--seconds", "2"]) == 0
+    (args, kwargs), = calls
+    assert args == ("train",) and kwargs["baseline"] is True and kwargs["encoders"] == ["cnn", "crnn"]
+    assert kwargs["seconds"] == 2.0 and '"ok": 1' in capsys.readouterr().out
+    calls.clear()
+    assert main(["bench", "all"]) == 0
+    assert calls[0][1]["baseline"] is False and calls[0][1]["encoders"] == ["cnn", "crnn", "resnet18"]

@@ -227,3 +227,16 @@ def test_build_never_leaves_the_global_policy_changed():
     assert keras.config.dtype_policy().name == before
     with pytest.raises(Tile2AudioError, match="precision must be one of"):
         build_encoder(_cfg(), TILE, precision="float8")
+
+
+def test_crnn_unrolls_short_sequences_and_computes_what_the_loop_computes(monkeypatch):
+    import tile2audio.models as models
+
+    unrolled = build_encoder(_cfg("crnn"), TILE, seed=3)
+    assert unrolled.get_layer("bigru").forward_layer.unroll
+    monkeypatch.setattr(models, "MAX_UNROLL_STEPS", 0)
+    looped = build_encoder(_cfg("crnn"), TILE, seed=3)
+    assert not looped.get_layer("bigru").forward_layer.unroll
+    x = _tiles(4, seed=9)
+    np.testing.assert_allclose(np.asarray(unrolled(x, training=True)), np.asarray(looped(x, training=True)),
+                               atol=1e-6)

@@ -18,6 +18,28 @@ Measures, on the built-in synthetic demo data (or a folder of labelled audio):
     own train step, with the input pipeline (``fit`` on the sampler's dataset) and
     without it (``model_only_*``: the same step on one fixed in-memory batch). The first
     step (graph tracing, pool loading) is timed apart (``first_step_s``) and excluded.
+    Work and hardware use: ``gflop_per_triplet`` is counted layer by layer from the Keras
+    model (:func:`forward_flops`: multiply-adds x 2 of every Conv2D, Conv2DTranspose, Dense
+    and GRU/LSTM matrix product, over the three tiles of a triplet and the decoder if any;
+    element-wise ops, batch norm and pooling are not counted), times 3 for forward plus
+    backward (the backward pass costs about twice the forward: one product for the
+    input gradient, one for the weight gradient). ``gflop_per_s`` is that times the
+    model-only triplets/s; ``matmul_peaks`` are the median GFLOP/s of a square
+    ``tf.linalg.matmul`` (4096 x 4096 by default) in float32 and bfloat16, measured in the
+    same process just before the encoder's figures, and ``pct_of_fp32_peak`` /
+    ``pct_of_bf16_peak`` the share of each that the model-only step reached.
+    ``precision`` is the run's dtype policy (``train.precision``, ``auto`` resolved).
+    ``embed_tiles_per_s``: tiles per second of :func:`tile2audio.embed.embed_frames` with
+    the exported (saved) encoder in that precision, ``embed_float32_tiles_per_s`` with
+    the same weights in float32, on one minute of frames in batches of 128.
+    With ``baseline`` (``tile2audio bench train --baseline``), each encoder's process
+    also times the same model built the pre-speed-work way
+    (``build_triplet_model(..., baseline=True)``: float32, Keras's unfused batch norm)
+    under ``baseline`` (same keys), and ``speedup`` / ``model_only_speedup`` are the
+    ratios of triplets/s, fast over baseline. The two models' steps are interleaved
+    (fast, baseline, fast, baseline, each ``seconds / 2``) and the median (with two
+    halves, the mean) of each figure kept, so load from other processes on a shared
+    machine hits both alike.
     ``memory_bounded``: peak RSS of a short training run whose ``sampler.memory_gb`` is a
     quarter of the cache's float32 size (so the sampler rotates pools), beside the same
     run with an unbounded budget, and the budget itself.
@@ -66,6 +88,8 @@ def run_bench(
     *,
     settings: ExperimentConfig | None = None,
     encoders: Sequence[str] = ENCODERS,
+    baseline: bool = False,
+    matmul_size: int = 4096,
 ) -> dict:
     """Measure feature extraction, sampling and training speed (and peak memory).
 
@@ -88,6 +112,11 @@ def run_bench(
         ``encoders`` in turn).
     encoders : sequence of str
         Encoders to time in the ``train`` stage.
+    baseline : bool
+        Also time each encoder built the old way (float32, unfused batch norm) in the
+        same process and report the speed-ups (``train`` stage).
+    matmul_size : int
+        Side of the square matrices of the fp32 / bf16 matmul peaks (``train`` stage).
 
     Returns
     -------
@@ -95,7 +124,7 @@ def run_bench(
         ``{"what", "data", "cpu_count", "seconds", "settings", "features": {...},
         "sampler": {...}, "train": {"device", "cnn": {...}, "crnn": {...},
         "resnet18": {...}, "peak_rss_mb", "memory_bounded": {...}}}`` (only the stages
-        asked for); rates are per second, memory in MiB.
+        asked for); rates are per second, memory in MiB, work in GFLOP (10^9 FLOP).
 
     Raises
     ------
@@ -107,6 +136,8 @@ def run_bench(
     encoders = _check_encoders(encoders)
     if not seconds > 0:
         raise Tile2AudioError(f"bench: seconds must be > 0, got {seconds!r}")
+    if isinstance(matmul_size, bool) or not isinstance(matmul_size, int) or matmul_size < 1:
+        raise Tile2AudioError(f"bench: matmul_size must be a positive integer, got {matmul_size!r}")
     settings = settings or ExperimentConfig()
     result: dict[str, Any] = {
         "what": what, "data": str(data) if data is not None else "synthetic",
@@ -123,7 +154,8 @@ def run_bench(
         if "sampler" in stages:
             result["sampler"] = _in_child("sampler", _sampler_stage, cache, settings.training, manifest, seconds)
         if "train" in stages:
-            result["train"] = _train_all(cache, settings.training, encoders, work, seconds)
+            result["train"] = _train_all(cache, settings.training, encoders, work, seconds,
+                                         baseline=bool(baseline), matmul_size=matmul_size)
     if json_path is not None:
         atomic.write_json(json_path, result)
     return result
@@ -317,12 +349,12 @@ def _sampler_stage(cache_dir: str, training: TrainingConfig, manifest: Path, sec
 
 
 def _train_all(cache: str, training: TrainingConfig, encoders: tuple[str, ...], work: Path,
-               seconds: float) -> dict:
+               seconds: float, baseline: bool = False, matmul_size: int = 4096) -> dict:
     """Every encoder's speed, each in its own process, then the memory-bounded run."""
     out: dict[str, Any] = {}
     for enc in encoders:
         cfg = replace(training, model=replace(training.model, encoder=enc))
-        out[enc] = _in_child(f"train ({enc})", _train_stage, cache, cfg, seconds)
+        out[enc] = _in_child(f"train ({enc})", _train_stage, cache, cfg, seconds, baseline, matmul_size)
     out["device"] = out[encoders[0]]["device"]
     out["peak_rss_mb"] = max((out[e]["peak_rss_mb"] or 0.0) for e in encoders)
     # Only peak memory is compared here, so the two runs may share the CPU.
@@ -348,36 +380,185 @@ def _device() -> str:
     return f"{gpus[0].name} ({details.get('device_name', 'GPU')})"
 
 
-def _train_stage(cache_dir: str, training: TrainingConfig, seconds: float) -> dict:
-    """Triplets/s of the trainer's step, with and without the input pipeline."""
+def _train_stage(cache_dir: str, training: TrainingConfig, seconds: float, baseline: bool = False,
+                 matmul_size: int = 4096) -> dict:
+    """Triplets/s of the trainer's step (with and without the input pipeline), its work and the peaks."""
     import keras
+    import tensorflow as tf
 
     from .features import open_cache
     from .rules import choose_training
     from .sampler import TripletSampler
-    from .train import build_triplet_model, make_optimizer
+    from .train import build_triplet_model, make_optimizer, resolve_precision
 
     cache = open_cache(cache_dir)
     training, _ = choose_training(training, cache.index, cache.frames_per_second)  # as train() does
     t = training.train
     keras.utils.set_random_seed(t.seed)
     sampler = TripletSampler(cache, training.tiles, training.sampler, batch_size=t.batch_size, seed=t.seed)
-    model = build_triplet_model(training, sampler.tile_shape, cache.params.normalize)
-    model.compile(optimizer=make_optimizer(training))
+    peaks = matmul_peaks(matmul_size)
+    variants = {"fast": False, "baseline": True} if baseline else {"fast": False}
+    models = {}
+    for name, old in variants.items():
+        model = build_triplet_model(training, sampler.tile_shape, cache.params.normalize, baseline=old)
+        model.compile(optimizer=make_optimizer(training), jit_compile=t.jit_compile and not old)
+        models[name] = model
     fixed = next(iter(sampler.dataset()))
-    with_pipeline = _time_fit(model, sampler.dataset(), seconds, t.batch_size)
+    in_memory = tf.data.Dataset.from_tensors(fixed).repeat()
+    # Interleaved halves: a burst of load from elsewhere hits both variants alike.
+    timings: dict[str, dict[str, list]] = {name: {"pipeline": [], "model_only": []} for name in models}
+    for _ in range(2):
+        for name, model in models.items():
+            timings[name]["pipeline"].append(_time_fit(model, sampler.dataset(), seconds / 2, t.batch_size))
+            timings[name]["model_only"].append(_time_fit(model, in_memory, seconds / 2, t.batch_size))
+    figures = {name: _step_figures(model, timings[name], t.batch_size, peaks)
+               for name, model in models.items()}
+    out = {
+        "device": _device(), "precision": resolve_precision(t.precision),
+        "batch_size": t.batch_size, "tile_shape": list(sampler.tile_shape),
+        "encoder_params": int(models["fast"].encoder.count_params()),
+        "matmul_peaks": peaks, **figures["fast"],
+    }
+    out.update(_embed_figures(models["fast"], training, sampler.geometry, int(sampler.tile_shape[1]), seconds))
+    if baseline:
+        out["baseline"] = figures["baseline"]
+        out["speedup"] = out["triplets_per_s"] / out["baseline"]["triplets_per_s"]
+        out["model_only_speedup"] = out["model_only_triplets_per_s"] / out["baseline"]["model_only_triplets_per_s"]
+    return out
+
+
+def _step_figures(model, timing: dict[str, list], batch_size: int, peaks: dict) -> dict:
+    """Median step figures of one model, its GFLOP per triplet and the share of the peaks reached."""
+    import statistics
+
+    def median(kind: str) -> float:
+        return statistics.median(run["ms_per_step"] for run in timing[kind])
+
+    pipeline_ms, model_only_ms = median("pipeline"), median("model_only")
+    per_tile = forward_flops(model.encoder)
+    if getattr(model, "decoder", None) is not None:
+        per_tile += forward_flops(model.decoder)
+    # Three tiles per triplet; backward ~ 2 x forward (input and weight gradients).
+    gflop = 3 * 3 * per_tile / 1e9
+    rate = batch_size / (model_only_ms / 1000.0)
+    achieved = gflop * rate
+    return {
+        "triplets_per_s": batch_size / (pipeline_ms / 1000.0), "ms_per_step": pipeline_ms,
+        "model_only_triplets_per_s": rate, "model_only_ms_per_step": model_only_ms,
+        "first_step_s": timing["pipeline"][0]["first_step_s"],
+        "steps_timed": sum(run["steps"] for run in timing["pipeline"]),
+        "model_only_steps_timed": sum(run["steps"] for run in timing["model_only"]),
+        "gflop_per_triplet": gflop, "gflop_per_s": achieved,
+        "pct_of_fp32_peak": 100.0 * achieved / peaks["float32_gflop_per_s"],
+        "pct_of_bf16_peak": 100.0 * achieved / peaks["bfloat16_gflop_per_s"],
+    }
+
+
+def _embed_figures(model, training: TrainingConfig, geometry, n_mels: int, seconds: float) -> dict:
+    """Tiles/s of embed_frames with the saved encoder in the run's precision and in float32."""
+    import numpy as np
+
+    from .embed import embed_frames
+    from .models import export_encoder
+
+    # One minute of frames, tiled at the experiment's own hop (what ``tile2audio embed`` does).
+    n_frames = max(geometry.tile_frames, int(60 * geometry.frames_per_second))
+    frames = np.random.default_rng(0).standard_normal((n_frames, n_mels)).astype(np.float32)
+    out = {}
+    encoders = {"embed_tiles_per_s": model.export(),
+                "embed_float32_tiles_per_s": export_encoder(model.encoder, training.model, "float32")}
+    for key, encoder in encoders.items():
+        embed_frames(encoder, frames, geometry)  # warm-up (first call builds the graph)
+        tiles, started = 0, time.perf_counter()
+        while True:
+            tiles += len(embed_frames(encoder, frames, geometry)[0])
+            elapsed = time.perf_counter() - started
+            if elapsed >= seconds / 4:
+                break
+        out[key] = tiles / elapsed
+    return out
+
+
+def matmul_peaks(size: int = 4096, repeats: int = 5) -> dict:
+    """Median GFLOP/s of a ``size`` x ``size`` ``tf.linalg.matmul`` in float32 and in bfloat16.
+
+    Parameters
+    ----------
+    size : int
+        Side of the square matrices (2 size^3 FLOP per product).
+    repeats : int
+        Timed products per dtype (after one warm-up); the median is reported.
+
+    Returns
+    -------
+    dict
+        ``{"size", "float32_gflop_per_s", "bfloat16_gflop_per_s"}``.
+    """
+    import statistics
+
     import tensorflow as tf
 
-    model_only = _time_fit(model, tf.data.Dataset.from_tensors(fixed).repeat(), seconds, t.batch_size)
-    return {
-        "device": _device(), "batch_size": t.batch_size, "tile_shape": list(sampler.tile_shape),
-        "encoder_params": int(model.encoder.count_params()),
-        "triplets_per_s": with_pipeline["triplets_per_s"], "ms_per_step": with_pipeline["ms_per_step"],
-        "model_only_triplets_per_s": model_only["triplets_per_s"],
-        "model_only_ms_per_step": model_only["ms_per_step"],
-        "first_step_s": with_pipeline["first_step_s"], "steps_timed": with_pipeline["steps"],
-        "model_only_steps_timed": model_only["steps"],
-    }
+    out: dict[str, Any] = {"size": int(size)}
+    rng = tf.random.Generator.from_seed(0)
+    for name, dtype in (("float32", tf.float32), ("bfloat16", tf.bfloat16)):
+        a = tf.cast(rng.normal((size, size)), dtype)
+        b = tf.cast(rng.normal((size, size)), dtype)
+        times = []
+        for i in range(repeats + 1):
+            started = time.perf_counter()
+            tf.linalg.matmul(a, b).numpy()
+            if i:  # the first product is the warm-up
+                times.append(time.perf_counter() - started)
+        out[f"{name}_gflop_per_s"] = 2 * size**3 / statistics.median(times) / 1e9
+    return out
+
+
+def forward_flops(model) -> int:
+    """FLOP of one sample's forward pass, counted layer by layer (matrix products only).
+
+    Counts 2 x multiply-adds of Conv2D, Conv2DTranspose, Dense and GRU / LSTM layers
+    (the input and recurrent kernels, every time step; bidirectional wrappers count both
+    directions) and recurses into nested models. Element-wise work, batch norm, pooling
+    and activations are not counted.
+
+    Parameters
+    ----------
+    model : keras.Model
+        A built functional model (every layer called once).
+
+    Returns
+    -------
+    int
+        FLOP per sample.
+    """
+    import keras
+
+    def prod(values) -> int:
+        return math.prod(int(v) for v in values)
+
+    def rnn(layer, steps: int) -> int:
+        cell = layer.cell
+        return 2 * steps * (prod(cell.kernel.shape) + prod(cell.recurrent_kernel.shape))
+
+    def count(layer) -> int:
+        if isinstance(layer, keras.Model):
+            return sum(count(inner) for inner in layer.layers)
+        if isinstance(layer, keras.layers.Bidirectional):
+            steps = int(layer.input.shape[1])
+            return rnn(layer.forward_layer, steps) + rnn(layer.backward_layer, steps)
+        if isinstance(layer, (keras.layers.GRU, keras.layers.LSTM)):
+            return rnn(layer, int(layer.input.shape[1]))
+        if isinstance(layer, keras.layers.Conv2DTranspose):
+            # kernel (kh, kw, out, in), applied at every input position
+            return 2 * prod(layer.input.shape[1:3]) * prod(layer.kernel.shape)
+        if isinstance(layer, keras.layers.Conv2D):
+            # kernel (kh, kw, in, out), applied at every output position
+            return 2 * prod(layer.output.shape[1:3]) * prod(layer.kernel.shape)
+        if isinstance(layer, keras.layers.Dense):
+            return 2 * prod(layer.input.shape[1:-1]) * prod(layer.kernel.shape)
+        return 0
+
+    return count(model)
 
 
 def _time_fit(model, dataset, seconds: float, batch_size: int) -> dict:

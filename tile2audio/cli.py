@@ -97,6 +97,9 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--data", help="a folder of labelled audio (default: synthetic demo data)")
     s.add_argument("--json", help="also write the JSON here")
     s.add_argument("--seconds", type=float, default=5.0, help="measuring time per figure")
+    s.add_argument("--baseline", action="store_true",
+                   help="train: also time each encoder built the old way (float32, unfused batch norm)")
+    s.add_argument("--encoders", default="cnn,crnn,resnet18", help="train: comma-separated encoders")
     return p
 
 
@@ -183,7 +186,8 @@ def _run(args: argparse.Namespace) -> int:
     elif cmd == "bench":
         from .bench import run_bench
 
-        result = run_bench(args.what, data=args.data, seconds=args.seconds, json_path=args.json)
+        result = run_bench(args.what, data=args.data, seconds=args.seconds, json_path=args.json,
+                           baseline=args.baseline, encoders=[e for e in args.encoders.split(",") if e])
         print(json.dumps(result, indent=2))
     return 0
 

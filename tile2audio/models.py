@@ -37,6 +37,10 @@ __all__ = ["build_encoder", "build_decoder", "export_encoder", "describe", "Fuse
 PRECISIONS = tuple(p for p in CONFIG_PRECISIONS if p != "auto")
 
 
+#: Longest GRU sequence (time steps after the conv stack) that the CRNN unrolls.
+MAX_UNROLL_STEPS = 64
+
+
 class FusedBatchNorm(keras.layers.BatchNormalization):
     """BatchNormalization whose training call is TensorFlow's fused kernel (NHWC, last axis).
 
@@ -206,10 +210,15 @@ def _crnn_body(x, model: ModelConfig, seeds: _Seeds):
     x = _conv_stack(x, model, seeds)
     mels, channels = x.shape[2], x.shape[3]
     x = keras.layers.Reshape((-1, int(mels) * int(channels)), name="to_sequence")(x)
+    steps = x.shape[1]
+    # Unrolled, the GRU computes the same thing as in Keras's while-loop, but on a CPU the
+    # loop's per-step overhead (and its backward pass) cost more than the few steps left
+    # after pooling (4 for 1.5 s tiles): unrolling made the CRNN's training step ~8 % faster.
+    unroll = steps is not None and int(steps) <= MAX_UNROLL_STEPS
 
     def gru(backwards: bool, name: str) -> keras.layers.GRU:
         return keras.layers.GRU(
-            model.rnn_units, go_backwards=backwards, name=name,
+            model.rnn_units, go_backwards=backwards, name=name, unroll=unroll,
             kernel_initializer=seeds.glorot(),
             recurrent_initializer=keras.initializers.Orthogonal(seed=seeds.next()),
         )
