@@ -27,7 +27,7 @@ RESAMPLE_QUALITY = "soxr_hq"
 # at least ``_TRUNCATION_MIN_FRAMES``) is a truncated file, not a rounding difference.
 _TRUNCATION_TOLERANCE = 0.01
 _TRUNCATION_MIN_FRAMES = 4096
-# Frames decoded per read, so a stream that breaks off part-way keeps what came before.
+# Frames per read when salvaging the start of a stream that breaks off part-way.
 _READ_BLOCK = 4096
 
 
@@ -176,28 +176,36 @@ def _decode(path: Path, truncated: str = "error") -> tuple[np.ndarray, int]:
     """Decode with soundfile, else librosa/audioread; (frames, channels) float32 and rate."""
     try:
         with sf.SoundFile(str(path)) as fh:
-            declared = fh.frames
-            sr = fh.samplerate
-            fmt = fh.format
-            blocks = []
-            try:
-                while True:
-                    block = fh.read(_READ_BLOCK, dtype="float32", always_2d=True)
-                    if block.shape[0] == 0:
-                        break
-                    blocks.append(block)
-            except (sf.LibsndfileError, RuntimeError) as exc:
-                if not blocks:  # nothing decodes: let the fallback try, then say corrupt
-                    raise
-                log.debug("%s: decoding stopped after %d frames: %s", path, sum(map(len, blocks)), exc)
-            data = (np.concatenate(blocks) if blocks
-                    else np.zeros((0, fh.channels), dtype=np.float32))
+            declared, sr, fmt = fh.frames, fh.samplerate, fh.format
+            data = fh.read(dtype="float32", always_2d=True)
     except (sf.LibsndfileError, RuntimeError, ValueError) as exc:
-        return _decode_fallback(path, exc)
+        # A stream that breaks off part-way (a cut FLAC) fails the whole read; see what decodes.
+        data = _decode_partial(path)
+        if data is None:
+            return _decode_fallback(path, exc)
     if fmt in ("WAV", "WAVEX"):
         declared = _wav_declared_frames(path, declared)
     _check_truncation(path, declared, data.shape[0], sr, truncated)
     return data, sr
+
+
+def _decode_partial(path: Path) -> np.ndarray | None:
+    """The frames that decode before a stream error, block by block; None if none do.
+
+    Only used after a whole-file read failed: libsndfile's MP3 decoder gives wrong
+    samples for small block reads, so a healthy file is always read in one call.
+    """
+    blocks = []
+    try:
+        with sf.SoundFile(str(path)) as fh:
+            while True:
+                block = fh.read(_READ_BLOCK, dtype="float32", always_2d=True)
+                if block.shape[0] == 0:
+                    break
+                blocks.append(block)
+    except (sf.LibsndfileError, RuntimeError, ValueError) as exc:
+        log.debug("%s: decoding stopped after %d frames: %s", path, sum(map(len, blocks)), exc)
+    return np.concatenate(blocks) if blocks else None
 
 
 def _wav_declared_frames(path: Path, readable: int) -> int:
