@@ -421,3 +421,16 @@ def test_truncated_encoder_file(tiny_run, tiny_cache, tmp_path, capsys):
     _cut(run / "encoder.keras")
     assert main(["-q", "embed", str(run), str(tiny_cache), "-o", str(tmp_path / "emb")]) == 2
     _one_line_error(capsys, str(run / "encoder.keras"), "truncated or corrupt")
+
+
+@pytest.mark.parametrize("stage", ["train", "embed"])
+def test_output_naming_a_file_in_later_stages(tiny_run, tiny_cache, tmp_path, capsys, stage):
+    out = tmp_path / "taken"
+    out.write_text("keep me")
+    if stage == "train":
+        argv = ["-q", "train", "--cache", str(tiny_cache), "-o", str(out), *[a for s in TINY_TRAIN for a in ("--set", s)]]
+    else:
+        argv = ["-q", "embed", str(tiny_run), str(tiny_cache), "-o", str(out)]
+    assert main(argv) == 2
+    _one_line_error(capsys, str(out), "existing file")
+    assert out.read_text() == "keep me"
