@@ -5,7 +5,9 @@
 For each named layer, every clip of the trial's cache is tiled as in training, the
 layer's output is flattened per tile, pooled over the clip's tiles with mean + std, and
 probed with the trial's probe protocol (clip-level logistic regression, same splits for
-every row). Prints one line per (weights, layer). Used to decide which layer the
+every row). Prints one line per (weights, layer) and records them in
+``experiments/results/layers-NAME.json`` (``--render`` of trial.py skips these files;
+experiments/README.md quotes them). Used to decide which layer the
 toolkit should embed with (experiments/README.md, "Which layer to probe").
 """
 
@@ -17,6 +19,7 @@ from pathlib import Path
 import keras
 import numpy as np
 
+from tile2audio import atomic
 from tile2audio.config import ProbeConfig, load_experiment
 from tile2audio.embed import embed_frames, from_clip_matrix, pool_tiles, run_inputs
 from tile2audio.features import normalize_frames, open_cache
@@ -24,6 +27,7 @@ from tile2audio.probes import run_probes
 from tile2audio.train import load_encoder
 
 WEIGHTS = ("trained", "init")
+RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def layer_matrices(trial: Path, layers: list[str], cache) -> dict[tuple[str, str], np.ndarray]:
@@ -57,9 +61,13 @@ def main() -> None:
                for (weights, name), X in layer_matrices(args.trial, layers, cache).items()]
     result = run_probes(entries, ProbeConfig(protocol=probe.protocol, n_splits=probe.n_splits, seed=probe.seed),
                         progress=False)
-    for r in result["rows"]:
-        if r["probe"] == "logreg":
-            print(f"{r['name']:28s} dim {r['dim']:5d}  accuracy {r['accuracy']:.3f}  macro-F1 {r['macro_f1']:.3f}")
+    rows = [r for r in result["rows"] if r["probe"] == "logreg"]
+    for r in rows:
+        print(f"{r['name']:28s} dim {r['dim']:5d}  accuracy {r['accuracy']:.3f}  macro-F1 {r['macro_f1']:.3f}")
+    record = {"trial": args.trial.name, "layers": layers, "protocol": result.get("protocol"),
+              "rows": [{k: r[k] for k in ("name", "kind", "dim", "accuracy", "accuracy_std", "macro_f1",
+                                          "macro_f1_std")} for r in rows]}
+    atomic.write_json(RESULTS / f"layers-{args.trial.name}.json", record)
 
 
 if __name__ == "__main__":

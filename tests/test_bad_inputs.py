@@ -177,7 +177,7 @@ def test_numeric_text_is_a_number():
     assert cfg.tiles.tile_seconds == 1e-9 and cfg.tiles.tile_hop_seconds == 0.5
     assert cfg.train.learning_rate == 3e-4
     with pytest.raises(Tile2AudioError, match="must be a number"):
-        load_experiment(None, ["tiles.tile_seconds=fast"])
+        load_experiment(None, ["train.learning_rate=fast"])
 
 
 @pytest.mark.parametrize("override, key", [

@@ -18,6 +18,11 @@ from tile2audio.losses import (
 )
 
 
+def _loss(**kw) -> LossConfig:
+    """A LossConfig with one-sided anchors unless told (the auto rule is tested apart)."""
+    return LossConfig(**{"symmetric": False, **kw})
+
+
 def col(*values) -> tf.Tensor:
     """1-D embeddings as a (B, 1) float32 tensor."""
     return tf.constant(np.asarray(values, dtype="float32")[:, None])
@@ -72,7 +77,7 @@ def test_satisfied_batch_gives_exact_zero_and_finite_gradients(negatives, distan
     zn = tf.Variable([[0.0], [20.0]])
     zo = tf.Variable([[10.0], [40.0]])
     batch = labels([0, 1], [2, 3], [0, 1], [2, 3])
-    cfg = LossConfig(margin=1.0, distance=distance, negatives=negatives)
+    cfg = _loss(margin=1.0, distance=distance, negatives=negatives)
     with tf.GradientTape() as tape:
         out = compute_losses(cfg, za, zn, zo, batch)
     grads = tape.gradient(out["loss"], [za, zn, zo])
@@ -121,7 +126,7 @@ def test_batch_all_by_hand():
     assert float(loss) == pytest.approx((1.75 + 0.96) / 2, abs=1e-4)
     loss, _, _ = in_batch_triplet_loss(za, zn, zo, batch, 1.0, reduction="mean", negatives="batch_all")
     assert float(loss) == pytest.approx((1.75 + 0.96) / 6, abs=1e-4)
-    out = compute_losses(LossConfig(margin=1.0, negatives="batch_all"), za, zn, zo, batch)
+    out = compute_losses(_loss(margin=1.0, negatives="batch_all"), za, zn, zo, batch)
     assert float(out["active_fraction"]) == pytest.approx(2 / 6)
 
 
@@ -166,7 +171,7 @@ def test_in_batch_without_any_valid_negative_is_zero_not_nan():
     za, zn, zo = col(0, 1), col(0, 1), col(0, 1)
     batch = labels([0, 1], [1, 0], [7, 7], [7, 7])  # one group: nothing is a negative
     for negatives in ("batch_all", "semi_hard", "hardest"):
-        out = compute_losses(LossConfig(negatives=negatives), za, zn, zo, batch)
+        out = compute_losses(_loss(negatives=negatives), za, zn, zo, batch)
         assert float(out["loss"]) == 0.0
         assert float(out["active_fraction"]) == 0.0
 
@@ -185,7 +190,7 @@ def test_compute_losses_weighting_mse_l2_and_monitors():
         **labels([0, 1], [2, 3], [0, 1], [2, 3]),
     }
     recon = [tf.zeros(shape), tf.zeros(shape), 0.5 * tf.ones(shape)]
-    cfg = LossConfig(margin=1.0, negatives="single", triplet_weight=0.5, mse_weight=2.0, embedding_l2=0.1)
+    cfg = _loss(margin=1.0, negatives="single", triplet_weight=0.5, mse_weight=2.0, embedding_l2=0.1)
     out = compute_losses(cfg, za, zn, zo, batch, reconstructions=recon)
     expected = {
         "triplet": 0.75, "mse": 5 / 3, "l2": 66.25 / 6, "active_fraction": 0.5,
@@ -197,13 +202,13 @@ def test_compute_losses_weighting_mse_l2_and_monitors():
     # explicit tiles (here: all zeros) replace the batch's tiles as targets
     out = compute_losses(cfg, za, zn, zo, batch, reconstructions=recon, tiles=[tf.zeros(shape)] * 3)
     assert float(out["mse"]) == pytest.approx(0.25 / 3)
-    out = compute_losses(LossConfig(margin=1.0, negatives="single"), za, zn, zo, batch)
+    out = compute_losses(_loss(margin=1.0, negatives="single"), za, zn, zo, batch)
     assert float(out["mse"]) == 0.0 and float(out["loss"]) == pytest.approx(0.75)
 
 
 def test_compute_losses_inside_tf_function():
     za, zn, zo, batch = _mining_batch()
-    cfg = LossConfig(margin=4.0, negatives="semi_hard")
+    cfg = _loss(margin=4.0, negatives="semi_hard")
     out = tf.function(lambda a, n, o, b: compute_losses(cfg, a, n, o, b))(za, zn, zo, batch)
     assert float(out["loss"]) == pytest.approx(1.0, abs=1e-4)
     assert float(out["active_fraction"]) == pytest.approx(1 / 3)
@@ -217,9 +222,9 @@ def test_bad_arguments_raise_tile2audio_error():
     with pytest.raises(Tile2AudioError):
         in_batch_triplet_loss(ZA, ZN, ZO, {}, 1.0)
     with pytest.raises(Tile2AudioError):
-        compute_losses(LossConfig(), ZA, ZN, ZO, {}, reconstructions=[ZA, ZN], tiles=[ZA, ZN, ZO])
+        compute_losses(_loss(), ZA, ZN, ZO, {}, reconstructions=[ZA, ZN], tiles=[ZA, ZN, ZO])
     with pytest.raises(Tile2AudioError):
-        compute_losses(LossConfig(), ZA, ZN, ZO, {}, reconstructions=[ZA, ZN, ZO])  # no tiles anywhere
+        compute_losses(_loss(), ZA, ZN, ZO, {}, reconstructions=[ZA, ZN, ZO])  # no tiles anywhere
 
 
 def test_symmetric_batch_all_adds_the_neighbours_as_anchors():
@@ -243,7 +248,24 @@ def test_symmetric_single_uses_the_same_opposite_for_the_neighbour():
     za, zn, zo = col(0, 4), col(1, 4), col(0.9, 3.8)
     # anchors: d_an 1, 0; d_ao 0.81, 0.04 -> 1.19, 0.96
     # neighbours: d_na 1, 0; d_no 0.01, 0.04 -> 1.99, 0.96
-    plain = compute_losses(LossConfig(margin=1.0, negatives="single"), za, zn, zo, {})
-    both = compute_losses(LossConfig(margin=1.0, negatives="single", symmetric=True), za, zn, zo, {})
+    plain = compute_losses(_loss(margin=1.0, negatives="single"), za, zn, zo, {})
+    both = compute_losses(_loss(margin=1.0, negatives="single", symmetric=True), za, zn, zo, {})
     assert float(plain["triplet"]) == pytest.approx((1.19 + 0.96) / 2, abs=1e-4)
     assert float(both["triplet"]) == pytest.approx((1.19 + 0.96 + 1.99 + 0.96) / 4, abs=1e-4)
+
+
+def test_npair_by_hand_ignores_excluded_negatives():
+    za = tf.constant([[1.0, 0.0], [0.0, 1.0]])
+    zn = tf.constant([[0.6, 0.8], [0.0, 1.0]])
+    zo = tf.constant([[0.0, 1.0], [1.0, 0.0]])
+    # Anchor 1's opposite shares anchor 0's clip: for anchor 0 it is no negative.
+    batch = {"anchor_clip": tf.constant([0, 1]), "opposite_clip": tf.constant([5, 0])}
+    out = compute_losses(_loss(kind="npair", temperature=0.5), za, zn, zo, batch)
+    t = 0.5
+    cands = np.concatenate([za.numpy(), zn.numpy(), zo.numpy()])
+    a = za.numpy()
+    expected = []
+    for i, valid in enumerate([[False, True, False, True, True, False], [True, False, True, False, True, True]]):
+        logits = [a[i] @ zn.numpy()[i] / t] + [a[i] @ c / t for c, ok in zip(cands, valid) if ok]
+        expected.append(-logits[0] + np.log(np.exp(logits).sum()))
+    assert float(out["triplet"]) == pytest.approx(np.mean(expected), rel=1e-5)

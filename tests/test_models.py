@@ -10,7 +10,7 @@ import pytest
 
 from tile2audio import Tile2AudioError
 from tile2audio.config import ModelConfig
-from tile2audio.models import build_decoder, build_encoder, describe
+from tile2audio.models import FusedBatchNorm, build_decoder, build_encoder, describe, export_encoder
 
 TILE = (32, 16, 1)
 TINY = dict(widths=(4, 8), embedding_dim=6, rnn_units=4, resnet_width=4)
@@ -164,3 +164,66 @@ def test_describe_reports_parameter_count():
 def test_bad_arguments_raise_tile2audio_error(call):
     with pytest.raises(Tile2AudioError):
         call()
+
+
+# --------------------------------------------------------------------------- speed path
+
+
+def test_fused_batch_norm_matches_keras_batch_norm_in_training():
+    x = _tiles(8, (6, 5, 3), seed=1) * 3.0 + 1.0
+    plain = keras.layers.BatchNormalization(momentum=0.9)
+    fused = FusedBatchNorm(momentum=0.9)
+    for layer in (plain, fused):
+        layer.build(x.shape)
+        layer.gamma.assign(np.linspace(0.5, 2.0, 3).astype("float32"))
+        layer.beta.assign(np.array([0.1, -0.2, 0.3], "float32"))
+    y_plain = np.asarray(plain(x, training=True))
+    y_fused = np.asarray(fused(x, training=True))
+    np.testing.assert_allclose(y_fused, y_plain, atol=1e-4)
+    np.testing.assert_allclose(np.asarray(fused.moving_mean), np.asarray(plain.moving_mean), atol=1e-5)
+    # TF's fused kernel keeps the unbiased variance: n / (n - 1) of Keras's, n = 8 * 6 * 5.
+    n = 8 * 6 * 5
+    plain_var = np.asarray(plain.moving_variance)
+    expected = 0.9 * 1.0 + 0.1 * (plain_var - 0.9) / 0.1 * n / (n - 1)
+    np.testing.assert_allclose(np.asarray(fused.moving_variance), expected, rtol=1e-4)
+    # Inference uses the moving statistics, like Keras.
+    np.testing.assert_allclose(np.asarray(fused(x, training=False)), np.asarray(
+        keras.layers.BatchNormalization.call(fused, x, training=False)), atol=1e-6)
+
+
+@pytest.mark.parametrize("encoder", ENCODERS)
+def test_export_gives_plain_layers_same_outputs_and_safe_reload(encoder, tmp_path):
+    cfg = _cfg(encoder)
+    fast = build_encoder(cfg, TILE, seed=2, precision="mixed_bfloat16", fused_batch_norm=True)
+    assert any(isinstance(layer, FusedBatchNorm) for layer in fast.layers)
+    fast(_tiles(4), training=True)  # move the batch-norm statistics away from their start
+    exported = export_encoder(fast, cfg, "mixed_bfloat16")
+    assert not any(isinstance(layer, FusedBatchNorm) for layer in exported.layers)
+    x = _tiles(3, seed=5)
+    np.testing.assert_allclose(np.asarray(exported(x)), np.asarray(fast(x)), atol=1e-6)
+    path = tmp_path / "enc.keras"
+    exported.save(path)
+    loaded = keras.saving.load_model(path, safe_mode=True, compile=False)
+    assert loaded.get_layer(exported.layers[1].name).dtype_policy.name == "mixed_bfloat16"
+    out = np.asarray(loaded(x))
+    assert out.dtype == np.float32
+    np.testing.assert_allclose(out, np.asarray(exported(x)), atol=1e-6)
+
+
+@pytest.mark.parametrize("encoder", ENCODERS)
+def test_bfloat16_embeddings_agree_with_float32(encoder):
+    cfg = _cfg(encoder)
+    f32 = build_encoder(cfg, TILE, seed=4)
+    bf16 = export_encoder(f32, cfg, "mixed_bfloat16")
+    x = _tiles(6, seed=7)
+    a, b = np.asarray(f32(x)), np.asarray(bf16(x))
+    cos = (a * b).sum(axis=1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+    assert cos.min() >= 0.99, cos
+
+
+def test_build_never_leaves_the_global_policy_changed():
+    before = keras.config.dtype_policy().name
+    build_encoder(_cfg(), TILE, precision="mixed_bfloat16")
+    assert keras.config.dtype_policy().name == before
+    with pytest.raises(Tile2AudioError, match="precision must be one of"):
+        build_encoder(_cfg(), TILE, precision="float8")

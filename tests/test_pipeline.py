@@ -32,6 +32,14 @@ def test_run_writes_every_stage_and_a_report(finished):
     assert {"trained", "random", "mfcc"} <= kinds
     text = report.read_text()
     assert "MFCC" in text and "random" in text
+    # The k-means table has the same references as the probe table.
+    from tile2audio.baselines import resolve_baselines
+
+    cluster_kinds = [e["kind"] for e in data["cluster"]["entries"]]
+    assert cluster_kinds == ["trained", "random"] + resolve_baselines(None)
+    assert {"trained", "random"} | set(resolve_baselines(None)) <= kinds
+    assert (out / "report" / "embedding_map_random.png").is_file()
+    assert "```yaml" in text.split("## Run details")[1]
     assert (out / "config.yaml").is_file() and load_experiment(out / "config.yaml") == cfg
     assert all(ok for _, ok in plan(cfg, out))
 

@@ -372,3 +372,17 @@ def test_mfcc_baseline_reproduces_the_published_anchors(tmp_path):
     assert res["protocol"] == "fold" and res["n_folds"] == 2
     assert row["macro_f1"] == pytest.approx(0.493, abs=0.02)
     assert row["accuracy"] == pytest.approx(0.480, abs=0.02)
+
+
+def test_mfcc_baseline_uses_the_cache_crop(tmp_path, write_audio, tone_fn):
+    from tile2audio.baselines import baseline_matrix
+
+    head = tone_fn(0.5, sr=22050, freq=440.0)
+    tail = tone_fn(1.5, sr=22050, freq=3000.0, noise=0.3)
+    whole = write_audio(tmp_path / "whole.wav", np.concatenate([head, tail]), sr=22050)
+    cut = write_audio(tmp_path / "cut.wav", head, sr=22050)
+    cropped = baseline_matrix("mfcc", [whole], ["w"], sample_rate=22050, jobs=1, progress=False, max_seconds=0.5)
+    reference = baseline_matrix("mfcc", [cut], ["c"], sample_rate=22050, jobs=1, progress=False)
+    full = baseline_matrix("mfcc", [whole], ["w"], sample_rate=22050, jobs=1, progress=False)
+    np.testing.assert_allclose(cropped, reference, rtol=1e-4, atol=1e-4)
+    assert not np.allclose(full, reference, atol=1e-2)

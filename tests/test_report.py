@@ -56,7 +56,8 @@ def test_report_json_has_probe_rows_with_required_keys(report_dir):
     assert sup and all(r["label_free"] is False for r in sup)
     assert rep["best_entry"] == "run-a"
     assert rep["extra"]["training_seconds"] == 12.5
-    assert {f["file"] for f in rep["figures"]} == {"confusion.png", "embedding_map.png", "kmeans_curves.png"}
+    assert {f["file"] for f in rep["figures"]} == {"confusion.png", "embedding_map.png", "embedding_map_random.png",
+                                                   "kmeans_curves.png"}
     names = [c["name"] for c in rep["cluster"]["entries"]]
     assert names == ["run-a", "sup", "random-init", "mfcc"]
     run_a = rep["cluster"]["entries"][0]
@@ -82,7 +83,22 @@ def test_markdown_lists_every_entry_and_marks_supervised(report_dir):
     assert "training_seconds" in md
 
 
-@pytest.mark.parametrize("name", ["confusion.png", "embedding_map.png", "kmeans_curves.png"])
+def test_run_details_are_a_yaml_block_and_the_random_map_is_beside_the_trained_one(report_dir):
+    import yaml
+
+    md = (report_dir / "report.md").read_text()
+    details = md.split("## Run details")[1]
+    block = details.split("```yaml\n")[1].split("\n```")[0]
+    assert yaml.safe_load(block) == {"training_seconds": 12.5, "config": {"margin": 0.5}}
+    maps = [line for line in md.splitlines() if "](embedding_map.png)" in line]
+    assert len(maps) == 1 and "](embedding_map_random.png)" in maps[0]  # one table row, side by side
+    rep = json.loads((report_dir / "report.json").read_text())
+    twin = next(f for f in rep["figures"] if f["kind"] == "map_random")
+    assert "random-init" in twin["caption"]
+
+
+@pytest.mark.parametrize("name", ["confusion.png", "embedding_map.png", "embedding_map_random.png",
+                                  "kmeans_curves.png"])
 def test_figures_are_valid_non_trivial_pngs(report_dir, name):
     path = report_dir / name
     assert path.stat().st_size > 10_000

@@ -15,6 +15,11 @@ from tile2audio.config import FeatureParams, SamplerConfig, TileConfig  # noqa: 
 from tile2audio.sampler import TripletSampler, measure_sampler  # noqa: E402
 
 FPS = 40.0  # 16 kHz / hop 400
+def _sampler(**kw) -> "SamplerConfig":
+    """Explicit neighbour positives, no augmentation, group exclusion (the auto rule is tested apart)."""
+    return SamplerConfig(**{"positive": "neighbour", "augment": False, "exclude_group_opposites": True, **kw})
+
+
 TILES = TileConfig(tile_seconds=1.0, tile_hop_seconds=0.5, neighbourhood_seconds=1.0, min_gap_seconds=0.25)
 T, HOOD, GAP = 40, 40, 10  # the frame counts of TILES at FPS
 
@@ -88,7 +93,7 @@ def mixed_cache():
 
 
 def test_batch_shapes_dtypes_and_tile_shape(mixed_cache):
-    sampler = TripletSampler(mixed_cache, TILES, SamplerConfig(), batch_size=8, seed=0)
+    sampler = TripletSampler(mixed_cache, TILES, _sampler(), batch_size=8, seed=0)
     assert sampler.tile_shape == (T, 4, 1) and not sampler.rotating
     ds = sampler.dataset()
     spec = ds.element_spec
@@ -102,7 +107,7 @@ def test_batch_shapes_dtypes_and_tile_shape(mixed_cache):
 
 
 def test_tile2vec_neighbourhood_gap_and_opposites(mixed_cache):
-    sampler = TripletSampler(mixed_cache, TILES, SamplerConfig(), batch_size=64, seed=3)
+    sampler = TripletSampler(mixed_cache, TILES, _sampler(), batch_size=64, seed=3)
     batches = _batches(sampler, 4)
     for b in batches:
         _check_tiles_trace_back(b, mixed_cache)
@@ -128,9 +133,9 @@ def test_tile2vec_neighbourhood_gap_and_opposites(mixed_cache):
 
 
 def test_same_seed_same_batches_other_seed_differs(mixed_cache):
-    first = _batches(TripletSampler(mixed_cache, TILES, SamplerConfig(), 16, seed=5), 2)
-    again = _batches(TripletSampler(mixed_cache, TILES, SamplerConfig(), 16, seed=5), 2)
-    other = _batches(TripletSampler(mixed_cache, TILES, SamplerConfig(), 16, seed=6), 2)
+    first = _batches(TripletSampler(mixed_cache, TILES, _sampler(), 16, seed=5), 2)
+    again = _batches(TripletSampler(mixed_cache, TILES, _sampler(), 16, seed=5), 2)
+    other = _batches(TripletSampler(mixed_cache, TILES, _sampler(), 16, seed=6), 2)
     for x, y in zip(first, again):
         for key in x:
             np.testing.assert_array_equal(x[key], y[key])
@@ -139,7 +144,7 @@ def test_same_seed_same_batches_other_seed_differs(mixed_cache):
 
 
 def test_supervised_labels(mixed_cache):
-    sampler = TripletSampler(mixed_cache, TILES, SamplerConfig(mode="supervised"), 64, seed=1)
+    sampler = TripletSampler(mixed_cache, TILES, _sampler(mode="supervised"), 64, seed=1)
     batches = _batches(sampler, 2)
     _check_tiles_trace_back(batches[0], mixed_cache)
     labels = mixed_cache.index["label"].to_numpy()
@@ -153,15 +158,15 @@ def test_supervised_labels(mixed_cache):
 
 def test_supervised_needs_labels():
     with pytest.raises(Tile2AudioError, match="needs labels"):
-        TripletSampler(FakeCache([100, 100]), TILES, SamplerConfig(mode="supervised"), 4, seed=0)
+        TripletSampler(FakeCache([100, 100]), TILES, _sampler(mode="supervised"), 4, seed=0)
     with pytest.raises(Tile2AudioError, match="two distinct labels"):
-        TripletSampler(FakeCache([100, 100], labels=["x", "x"]), TILES, SamplerConfig(mode="supervised"), 4, seed=0)
+        TripletSampler(FakeCache([100, 100], labels=["x", "x"]), TILES, _sampler(mode="supervised"), 4, seed=0)
 
 
 def test_distant_mode_uses_far_tiles_of_long_clips():
     # clips 0-1 are long enough for a far tile (span 360 > 2 x neighbourhood), clips 2-3 are not.
     cache = FakeCache([400, 400, 60, 60], groups=["", "", "", ""])
-    config = SamplerConfig(mode="tile2vec-distant", distant_prob=1.0)
+    config = _sampler(mode="tile2vec-distant", distant_prob=1.0)
     sampler = TripletSampler(cache, TILES, config, 64, seed=2)
     assert sampler.distant_frames == 2 * HOOD
     batches = _batches(sampler, 2)
@@ -173,7 +178,7 @@ def test_distant_mode_uses_far_tiles_of_long_clips():
     assert (o[long_anchor] == a[long_anchor]).all()
     assert (np.abs(a_s - o_s)[long_anchor] >= 2 * HOOD).all()
     assert (o[~long_anchor] != a[~long_anchor]).all()
-    half = TripletSampler(cache, TILES, SamplerConfig(mode="tile2vec-distant", distant_prob=0.5), 256, seed=2)
+    half = TripletSampler(cache, TILES, _sampler(mode="tile2vec-distant", distant_prob=0.5), 256, seed=2)
     (b,) = _batches(half, 1)
     share = (b["opposite_clip"] == b["anchor_clip"])[b["anchor_clip"] < 2].mean()
     assert 0.3 < share < 0.7
@@ -182,7 +187,7 @@ def test_distant_mode_uses_far_tiles_of_long_clips():
 def test_one_group_falls_back_to_other_clips(caplog):
     cache = FakeCache([100, 100, 100], groups=["g", "g", "g"])
     with caplog.at_level(logging.WARNING, logger="tile2audio.sampler"):
-        sampler = TripletSampler(cache, TILES, SamplerConfig(), 32, seed=0)
+        sampler = TripletSampler(cache, TILES, _sampler(), 32, seed=0)
     assert "share one group" in caplog.text
     (b,) = _batches(sampler, 1)
     assert (b["opposite_clip"] != b["anchor_clip"]).all()
@@ -191,13 +196,13 @@ def test_one_group_falls_back_to_other_clips(caplog):
 def test_bad_arguments():
     cache = FakeCache([100, 100])
     with pytest.raises(Tile2AudioError):
-        TripletSampler(cache, TILES, SamplerConfig(), batch_size=0, seed=0)
+        TripletSampler(cache, TILES, _sampler(), batch_size=0, seed=0)
     with pytest.raises(Tile2AudioError):
-        TripletSampler(cache, TILES, SamplerConfig(), 4, seed=0, worker_index=2, num_workers=2)
+        TripletSampler(cache, TILES, _sampler(), 4, seed=0, worker_index=2, num_workers=2)
     with pytest.raises(Tile2AudioError):
-        TripletSampler(FakeCache([100]), TILES, SamplerConfig(), 4, seed=0)
+        TripletSampler(FakeCache([100]), TILES, _sampler(), 4, seed=0)
     with pytest.raises(Tile2AudioError):
-        TripletSampler(cache, TILES, SamplerConfig(), 4, seed=0).dataset(start_step=-1)
+        TripletSampler(cache, TILES, _sampler(), 4, seed=0).dataset(start_step=-1)
 
 
 def _rotating_cache() -> FakeCache:
@@ -208,7 +213,7 @@ def _rotating_cache() -> FakeCache:
 def test_rotating_pool_visits_all_shards_within_budget():
     cache = _rotating_cache()
     budget = 2 * 3200 + 100  # two shards fit, three do not
-    config = SamplerConfig(memory_gb=budget / 2**30, rotate_steps=2)
+    config = _sampler(memory_gb=budget / 2**30, rotate_steps=2)
     sampler = TripletSampler(cache, TILES, config, 8, seed=0)
     assert sampler.rotating and sampler.total_nbytes == 6 * 3200
     batches = _batches(sampler, 12)  # 6 pools = two rounds of 3 pools
@@ -228,13 +233,13 @@ def test_rotating_pool_visits_all_shards_within_budget():
 
 def test_resume_equals_continuation_across_pools():
     cache = _rotating_cache()
-    config = SamplerConfig(memory_gb=(2 * 3200 + 100) / 2**30, rotate_steps=2)
+    config = _sampler(memory_gb=(2 * 3200 + 100) / 2**30, rotate_steps=2)
     full = _batches(TripletSampler(cache, TILES, config, 8, seed=4), 7)
     resumed = _batches(TripletSampler(cache, TILES, config, 8, seed=4), 4, start_step=3)
     for x, y in zip(full[3:], resumed):
         for key in x:
             np.testing.assert_array_equal(x[key], y[key])
-    in_memory = SamplerConfig()
+    in_memory = _sampler()
     full = _batches(TripletSampler(cache, TILES, in_memory, 8, seed=4), 3)
     resumed = _batches(TripletSampler(cache, TILES, in_memory, 8, seed=4), 1, start_step=2)
     for key in full[2]:
@@ -243,7 +248,7 @@ def test_resume_equals_continuation_across_pools():
 
 def test_single_oversized_shard_is_split_into_clip_runs():
     cache = FakeCache([100] * 6, shards=["big"] * 6)
-    config = SamplerConfig(memory_gb=(2 * 1600 + 10) / 2**30, rotate_steps=1)
+    config = _sampler(memory_gb=(2 * 1600 + 10) / 2**30, rotate_steps=1)
     sampler = TripletSampler(cache, TILES, config, 4, seed=0)
     _batches(sampler, 3, with_indices=False)
     assert all(r.nbytes <= sampler.budget_nbytes and r.n_clips == 2 for r in sampler.loaded_pools)
@@ -253,7 +258,7 @@ def test_single_oversized_shard_is_split_into_clip_runs():
 
 def test_two_workers_read_disjoint_shards():
     cache = FakeCache([100] * 8, shards=[f"s{i // 2}" for i in range(8)])
-    workers = [TripletSampler(cache, TILES, SamplerConfig(), 16, seed=0, worker_index=w, num_workers=2)
+    workers = [TripletSampler(cache, TILES, _sampler(), 16, seed=0, worker_index=w, num_workers=2)
                for w in range(2)]
     shards = [set(w.worker_shards) for w in workers]
     assert shards[0].isdisjoint(shards[1]) and shards[0] | shards[1] == set(cache.shards)
@@ -269,7 +274,7 @@ def test_fewer_shards_than_workers_split_clips():
     cache = FakeCache([100] * 6, shards=["s0"] * 6)
     clips = []
     for w in range(2):
-        sampler = TripletSampler(cache, TILES, SamplerConfig(), 32, seed=0, worker_index=w, num_workers=2)
+        sampler = TripletSampler(cache, TILES, _sampler(), 32, seed=0, worker_index=w, num_workers=2)
         (b,) = _batches(sampler, 1, with_indices=False)
         clips.append(set(b["anchor_clip"]) | set(b["opposite_clip"]))
     assert clips[0].isdisjoint(clips[1])
@@ -279,8 +284,8 @@ def test_fewer_shards_than_workers_split_clips():
 @pytest.mark.parametrize("normalize", ["standardize", "minmax"])
 def test_augmentation_changes_values_keeps_shapes_and_is_deterministic(normalize):
     cache = FakeCache([200, 150, 120], n_mels=16, normalize=normalize)
-    plain = _batches(TripletSampler(cache, TILES, SamplerConfig(), 16, seed=7), 1)[0]
-    config = SamplerConfig(augment=True, gain_db=6.0, time_masks=2, freq_masks=1, mix_prob=0.5)
+    plain = _batches(TripletSampler(cache, TILES, _sampler(), 16, seed=7), 1)[0]
+    config = _sampler(augment=True, gain_db=6.0, time_masks=2, freq_masks=1, mix_prob=0.5)
     aug = _batches(TripletSampler(cache, TILES, config, 16, seed=7), 1)[0]
     again = _batches(TripletSampler(cache, TILES, config, 16, seed=7), 1)[0]
     for key in plain:
@@ -295,8 +300,8 @@ def test_augmentation_changes_values_keeps_shapes_and_is_deterministic(normalize
 
 def test_gain_only_is_an_additive_offset_in_db():
     cache = FakeCache([200, 150], n_mels=4)  # standardize with std 2: 1 dB is 0.5 normalised units
-    plain = _batches(TripletSampler(cache, TILES, SamplerConfig(), 32, seed=1), 1)[0]
-    config = SamplerConfig(augment=True, gain_db=6.0, time_masks=0, freq_masks=0, mix_prob=0.0)
+    plain = _batches(TripletSampler(cache, TILES, _sampler(), 32, seed=1), 1)[0]
+    config = _sampler(augment=True, gain_db=6.0, time_masks=0, freq_masks=0, mix_prob=0.0)
     aug = _batches(TripletSampler(cache, TILES, config, 32, seed=1), 1)[0]
     diff = (aug["anchor"] - plain["anchor"])[..., 0]
     per_tile = diff[:, 0, 0]
@@ -319,7 +324,7 @@ def test_real_cache_from_synthetic_wavs(tmp_path, write_audio, tone_fn):
                      "split": "", "fold": pd.NA, "group": ""})
     params = FeatureParams(sample_rate=sr, hop_length=400, n_mels=16, min_seconds=0.5)
     cache = features.build_cache(pd.DataFrame(rows), tmp_path / "cache", params=params, jobs=1, progress=False)
-    sampler = TripletSampler(cache, TILES, SamplerConfig(), 8, seed=0)
+    sampler = TripletSampler(cache, TILES, _sampler(), 8, seed=0)
     (b,) = _batches(sampler, 1)
     assert b["anchor"].shape == (8, T, 16, 1) and np.isfinite(b["anchor"]).all()
     assert (b["opposite_clip"] != b["anchor_clip"]).all()
@@ -327,7 +332,7 @@ def test_real_cache_from_synthetic_wavs(tmp_path, write_audio, tone_fn):
     start = int(b["anchor_start"][0])
     expected = np.resize(frames, (max(len(frames), T), 16))[start:start + T]  # np.resize loops rows
     np.testing.assert_allclose(b["anchor"][0, :, :, 0], expected, atol=0.02)  # float16 pool
-    stats = measure_sampler(cache, TILES, SamplerConfig(), 8, seconds=0.2,
+    stats = measure_sampler(cache, TILES, _sampler(), 8, seconds=0.2,
                             reference_paths=[audio / "a.wav", audio / "b.wav"], reference_seconds=0.1)
     assert stats["triplets_per_s"] > 0 and stats["reference_triplets_per_s"] > 0
     assert stats["ratio"] == pytest.approx(stats["triplets_per_s"] / stats["reference_triplets_per_s"])
@@ -339,7 +344,7 @@ def test_mix_is_a_power_sum_in_db():
     values = {"c0": 5.0, "c1": 3.0}  # normalised: raw dB 10 and 6
     for clip_id, v in values.items():
         cache._data[clip_id][:] = v
-    config = SamplerConfig(augment=True, gain_db=0.0, time_masks=0, freq_masks=0, mix_prob=1.0, mix_gain_db=-6.0)
+    config = _sampler(augment=True, gain_db=0.0, time_masks=0, freq_masks=0, mix_prob=1.0, mix_gain_db=-6.0)
     (b,) = _batches(TripletSampler(cache, TILES, config, 16, seed=0), 1)
     raw = {c: 2.0 * v for c, v in values.items()}
     for tile_key, clip_key in (("anchor", "anchor_clip"), ("opposite", "opposite_clip")):
@@ -347,3 +352,53 @@ def test_mix_is_a_power_sum_in_db():
             own, other = f"c{clip}", f"c{1 - clip}"  # with two clips the partner is the other one
             expected = 10 * np.log10(10 ** (raw[own] / 10) + 10 ** ((raw[other] - 6.0) / 10)) / 2.0
             np.testing.assert_allclose(tile, expected, rtol=2e-3)
+
+
+# --------------------------------------------------------------------------- positives and groups
+
+
+def test_view_positives_are_shifted_crops_of_the_anchor_clip_even_below_one_tile():
+    # Clip 0 is shorter than one tile (looped to two tiles), clip 1 is 1.5 tiles long.
+    cache = FakeCache([25, 60, 200, 200])
+    sampler = TripletSampler(cache, TILES, _sampler(positive="view"), 64, seed=0)
+    batches = _batches(sampler, 4)
+    lengths = cache.index["n_frames"].to_numpy()
+    for b in batches:
+        np.testing.assert_array_equal(b["neighbour_clip"], b["anchor_clip"])
+        for key, start in (("anchor", "anchor_start"), ("neighbour", "neighbour_start")):
+            tiles, clips, starts = b[key][..., 0], b["anchor_clip"], b[start]
+            expected = (starts[:, None] + np.arange(T)[None, :]) % lengths[clips][:, None]
+            np.testing.assert_array_equal(tiles[:, :, 1], expected)
+    short = _cat(batches, "anchor_clip") == 0
+    a, n = _cat(batches, "anchor_start")[short], _cat(batches, "neighbour_start")[short]
+    assert short.any() and (a != n).mean() > 0.5, "views of a sub-tile clip must be time-shifted"
+    # Two views are independent: their starts are not bound to a neighbourhood.
+    long = _cat(batches, "anchor_clip") >= 2
+    gap = np.abs(_cat(batches, "anchor_start")[long] - _cat(batches, "neighbour_start")[long])
+    assert gap.max() > HOOD
+
+
+def test_group_exclusion_is_a_setting_of_its_own():
+    groups = ["spk1"] * 4 + ["spk2"] * 4
+    cache = FakeCache([100] * 8, groups=groups)
+    on = _cat(_batches(TripletSampler(cache, TILES, _sampler(exclude_group_opposites=True), 64, seed=0), 3),
+              "opposite_clip")
+    anchors_on = _cat(_batches(TripletSampler(cache, TILES, _sampler(exclude_group_opposites=True), 64, seed=0), 3),
+                      "anchor_clip")
+    assert ((on < 4) != (anchors_on < 4)).all()
+    off_batches = _batches(TripletSampler(cache, TILES, _sampler(exclude_group_opposites=False), 64, seed=0), 3)
+    a, o = _cat(off_batches, "anchor_clip"), _cat(off_batches, "opposite_clip")
+    assert (a != o).all() and ((a < 4) == (o < 4)).any(), "same-speaker opposites must be allowed"
+    # The loss's in-batch negatives follow the same choice: every clip is its own group.
+    np.testing.assert_array_equal(_cat(off_batches, "anchor_group"), a)
+
+
+def test_clip_fraction_draws_from_a_seeded_subset_only():
+    cache = FakeCache([100] * 20)
+    sampler = TripletSampler(cache, TILES, _sampler(clip_fraction=0.25), 64, seed=3)
+    seen = set(_cat(_batches(sampler, 4), "anchor_clip")) | set(_cat(_batches(sampler, 4), "opposite_clip"))
+    assert len(seen) == 5
+    again = TripletSampler(cache, TILES, _sampler(clip_fraction=0.25), 64, seed=3)
+    assert set(_cat(_batches(again, 4), "anchor_clip")) <= seen
+    with pytest.raises(Tile2AudioError, match="clip_fraction"):
+        _sampler(clip_fraction=0.0)

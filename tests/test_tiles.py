@@ -92,7 +92,7 @@ def test_geometry_from_config_rounds_seconds_to_frames():
     assert (g.tile_frames, g.hop_frames, g.neighbourhood_frames, g.min_gap_frames) == (65, 32, 129, 22)
     assert g.tile_seconds == pytest.approx(65 / fps)
     tiny = TileGeometry.from_config(TileConfig(tile_seconds=0.001, tile_hop_seconds=0.001,
-                                               neighbourhood_seconds=0.0), fps)
+                                               neighbourhood_seconds=0.0, min_gap_seconds=0.0), fps)
     assert tiny.tile_frames == 1 and tiny.hop_frames == 1 and tiny.neighbourhood_frames == 0
 
 
@@ -102,4 +102,4 @@ def test_geometry_validates():
     with pytest.raises(Tile2AudioError):
         TileGeometry(tile_frames=0, hop_frames=2, neighbourhood_frames=2, min_gap_frames=0, frames_per_second=10)
     with pytest.raises(Tile2AudioError):
-        TileGeometry.from_config(TileConfig(), 0.0)
+        TileGeometry.from_config(TileConfig(1.5, 0.75, 3.0, 0.0), 0.0)

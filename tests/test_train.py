@@ -15,7 +15,9 @@ import pytest
 from conftest import TINY_TRAIN
 from tile2audio.config import load_training
 from tile2audio.errors import Tile2AudioError
-from tile2audio.train import load_encoder, read_run, run_name, train
+from tile2audio.features import open_cache
+from tile2audio.rules import choose_training
+from tile2audio.train import load_encoder, read_run, resolve_precision, run_name, train
 
 
 def _cfg(*extra):
@@ -27,7 +29,15 @@ def test_train_writes_a_complete_run_directory(tiny_cache, tmp_path):
     assert run.parent == tmp_path / "runs" and run.name.startswith("cnn-d8-t0.5s-tile2vec-batch_all")
     for name in ("config.yaml", "features.json", "run.json", "encoder.keras", "encoder_init.keras", "log.csv"):
         assert (run / name).is_file(), name
-    assert load_training(run / "config.yaml") == _cfg()
+    # The run records the precision that auto chose on this machine, not "auto".
+    # ... and the tile / sampler values the automatic rule chose from the cache's clips.
+    saved = load_training(run / "config.yaml")
+    assert saved.train.precision == resolve_precision("auto") != "auto"
+    cache = open_cache(tiny_cache)
+    chosen, facts = choose_training(_cfg(f"train.precision={saved.train.precision}"), cache.index,
+                                    cache.frames_per_second)
+    assert saved == chosen and not saved.tiles.is_auto and not saved.sampler.is_auto
+    assert read_run(run)["auto"] == facts and "tiles.min_gap_seconds" in facts["settings"]
     log = pd.read_csv(run / "log.csv")
     assert list(log["epoch"]) == [0, 1]
     for col in ("loss", "triplet", "active_fraction", "d_an", "d_ao", "spread", "learning_rate"):

@@ -353,10 +353,12 @@ def _train_stage(cache_dir: str, training: TrainingConfig, seconds: float) -> di
     import keras
 
     from .features import open_cache
+    from .rules import choose_training
     from .sampler import TripletSampler
     from .train import build_triplet_model, make_optimizer
 
     cache = open_cache(cache_dir)
+    training, _ = choose_training(training, cache.index, cache.frames_per_second)  # as train() does
     t = training.train
     keras.utils.set_random_seed(t.seed)
     sampler = TripletSampler(cache, training.tiles, training.sampler, batch_size=t.batch_size, seed=t.seed)

@@ -56,7 +56,8 @@ def _parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("embed", help="embed clips with a trained run")
     s.add_argument("run_dir")
-    s.add_argument("inputs", nargs="+", help="a manifest CSV, a cache directory, or audio files")
+    s.add_argument("inputs", nargs="+",
+                   help="a manifest CSV, a cache directory, or audio files and folders (searched recursively)")
     s.add_argument("-o", "--output", required=True)
     s.add_argument("--skip-existing", action="store_true")
     s.add_argument("--weights", choices=["trained", "init"], default="trained")

@@ -51,6 +51,7 @@ from threadpoolctl import threadpool_limits
 from . import atomic
 from .config import ClusterConfig
 from .errors import Tile2AudioError
+from .plots import plot_curves
 from .probes import SMALL_PROBLEM
 
 log = logging.getLogger(__name__)
@@ -314,52 +315,6 @@ def _label_part(X, labels, n_classes, chosen, assigns, config) -> dict:
     return out
 
 
-def plot_curves(result: dict, path: str | Path, title: str = "k-means cluster-count analysis") -> Path:
-    """Draw inertia (elbow) and silhouette against k, chosen k marked; save a PNG.
-
-    Parameters
-    ----------
-    result : dict from :func:`cluster_sweep`
-    path : output .png
-    title : figure title
-
-    Returns
-    -------
-    Path
-    """
-    from .report import _pyplot, _save  # here, not at the top: report imports this module
-
-    plt = _pyplot()
-    ks = result["ks"]
-    curves = result["curves"]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    panels = [("inertia", "Inertia (within-cluster sum of squares)", "elbow"),
-              ("silhouette", "Silhouette score", "silhouette")]
-    for ax, (key, ylabel, crit) in zip(axes, panels):
-        pts = [(r["k"], r[key]) for r in curves if r[key] is not None]
-        if pts:
-            ax.plot(*zip(*pts), marker="o", color="tab:blue")
-        k = result["chosen"].get(crit)
-        if k is not None:
-            ax.axvline(k, color="tab:red", linestyle="--", label=f"{crit} pick: k = {k}")
-        nc = result.get("n_classes")
-        if nc and ks[0] <= nc <= ks[-1]:
-            ax.axvline(nc, color="grey", linestyle=":", label=f"classes: {nc}")
-        ax.set_xlabel("number of clusters k")
-        ax.set_ylabel(ylabel)
-        ax.set_xticks(ks if len(ks) <= 20 else ks[:: max(1, len(ks) // 20)])
-        ax.grid(alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(loc="best")
-    axes[0].set_title("Elbow (kneedle rule)")
-    axes[1].set_title("Silhouette (higher is better)")
-    fig.suptitle(title + (" (standardised features)" if result.get("standardized") else ""))
-    fig.tight_layout()
-    path = Path(path)
-    _save(fig, path)
-    return path
-
-
 def cluster_features(emb, config: ClusterConfig) -> tuple[np.ndarray, np.ndarray]:
     """Clip-level (pooled) or tile-level matrix (n, D) of an embedding set, and labels (n,)."""
     labels = emb.clips["label"].fillna("").astype(str).to_numpy()
@@ -392,5 +347,51 @@ def cluster_embeddings(emb, config: ClusterConfig = ClusterConfig(), out_dir: st
     plot_curves(result, out_dir / "kmeans_curves.png",
                 title=f"k-means on {emb.name} ({config.level} level) — {result['n']} points")
     result["figure"] = "kmeans_curves.png"
+    atomic.write_json(out_dir / "cluster.json", result)
+    return result
+
+
+def cluster_entries(entries, config: ClusterConfig = ClusterConfig(), out_dir: str | Path = ".",
+                    figure_entry=None) -> dict:
+    """Cluster-count analysis of several embedding sets on the same clips.
+
+    The k-means table of a report: the trained run beside its random-weight twin and
+    the handcrafted baselines, so NMI, ARI, purity and matched accuracy are read against
+    references (as the probe table is).
+
+    Parameters
+    ----------
+    entries : list of tile2audio.embed.EmbeddingSet
+    config : ClusterConfig
+    out_dir : folder of ``cluster.json`` (and of the figure entry's ``kmeans_curves.png``)
+    figure_entry : EmbeddingSet or None
+        The entry whose curves are drawn (default: the first).
+
+    Returns
+    -------
+    dict
+        ``{"figure_entry": name, "entries": [result, ...]}``, one
+        :func:`cluster_embeddings`-style result per entry (entries that cannot be
+        clustered, e.g. too few clips, are skipped with a warning); also written as
+        ``out_dir/cluster.json``.
+    """
+    if not entries:
+        raise Tile2AudioError("cluster_entries needs at least one embedding set")
+    figure_entry = entries[0] if figure_entry is None else figure_entry
+    out_dir = Path(out_dir)
+    results = []
+    for e in entries:
+        if e is figure_entry:
+            results.append(cluster_embeddings(e, config, out_dir))
+            continue
+        X, labels = cluster_features(e, config)
+        try:
+            r = cluster_sweep(X, labels, config)
+        except Tile2AudioError as exc:
+            log.warning("k-means analysis of %s skipped: %s", e.name, exc)
+            continue
+        results.append({"name": e.name, "kind": e.kind, "level": config.level,
+                        "pooling": e.meta.get("pooling", config.pooling) if config.level == "clip" else None, **r})
+    result = {"figure_entry": figure_entry.name, "entries": results}
     atomic.write_json(out_dir / "cluster.json", result)
     return result

@@ -37,6 +37,13 @@ import yaml
 from .errors import Tile2AudioError
 
 
+#: Positive-pair policies of the sampler (besides ``auto``).
+POSITIVES = ("neighbour", "view")
+
+#: Training precisions: ``auto`` and the Keras dtype policies it may resolve to.
+PRECISIONS = ("auto", "float32", "mixed_bfloat16", "mixed_float16")
+
+
 def _check_choice(name: str, value: Any, choices: Sequence[Any]) -> None:
     """Raise if ``value`` is not one of ``choices``."""
     if value not in choices:
@@ -68,6 +75,9 @@ def _check_all_finite(cfg: Any, section: str) -> None:
 class FeatureParams:
     """Log-mel front-end parameters; saved with every cache and copied into every run.
 
+    ``max_seconds`` keeps only the first ``max_seconds`` of every clip (None: all of it),
+    for example to check an embedding on short crops of a corpus of longer clips.
+
     Short clips (below ``min_seconds``) are looped (repeated end to end) up to
     ``min_seconds`` when ``short_policy='pad'``, the same rule the segmenter uses for
     clips shorter than one tile: looping keeps the clip's spectral statistics, where
@@ -96,6 +106,7 @@ class FeatureParams:
     normalize: str = "standardize"
     channel: int | None = None
     min_seconds: float = 1.0
+    max_seconds: float | None = None
     short_policy: str = "pad"
     silent_policy: str = "keep"
     truncated_policy: str = "keep"
@@ -106,6 +117,8 @@ class FeatureParams:
         _check_positive("features.n_fft", self.n_fft)
         _check_positive("features.hop_length", self.hop_length)
         _check_positive("features.n_mels", self.n_mels)
+        if self.max_seconds is not None:
+            _check_positive("features.max_seconds", self.max_seconds)
         _check_choice("features.log", self.log, ("db", "log"))
         _check_choice("features.normalize", self.normalize, ("none", "minmax", "standardize"))
         _check_choice("features.short_policy", self.short_policy, ("pad", "skip"))
@@ -146,25 +159,45 @@ class FeatureParams:
         return max(1, int(round(seconds * self.frames_per_second)))
 
 
+AUTO = "auto"
+
+
+def is_auto(value: Any) -> bool:
+    """True for a setting left to :mod:`tile2audio.rules` (the string ``"auto"``)."""
+    return isinstance(value, str) and value == AUTO
+
+
 @dataclass(frozen=True)
 class TileConfig:
-    """How a clip's log-mel is cut into tiles (see :mod:`tile2audio.tiles`)."""
+    """How a clip's log-mel is cut into tiles (see :mod:`tile2audio.tiles`).
 
-    tile_seconds: float = 1.5
-    tile_hop_seconds: float = 0.75
-    neighbourhood_seconds: float = 3.0
-    min_gap_seconds: float = 0.0
+    Every field may be ``auto`` (the default): :func:`tile2audio.rules.choose_training`
+    then picks it from the cache's clip durations before training, and the run's
+    config.yaml records the number chosen. A number always wins over the rule.
+    """
+
+    tile_seconds: float | str = AUTO
+    tile_hop_seconds: float | str = AUTO
+    neighbourhood_seconds: float | str = AUTO
+    min_gap_seconds: float | str = AUTO
 
     def __post_init__(self) -> None:
         _check_all_finite(self, "tiles")
-        _check_positive("tiles.tile_seconds", self.tile_seconds)
-        _check_positive("tiles.tile_hop_seconds", self.tile_hop_seconds)
-        _check_positive("tiles.neighbourhood_seconds", self.neighbourhood_seconds, allow_zero=True)
-        _check_positive("tiles.min_gap_seconds", self.min_gap_seconds, allow_zero=True)
-        if self.min_gap_seconds > self.neighbourhood_seconds:
+        for name in ("tile_seconds", "tile_hop_seconds", "neighbourhood_seconds", "min_gap_seconds"):
+            value = getattr(self, name)
+            if isinstance(value, str):
+                _check_choice(f"tiles.{name}", value, (AUTO,))
+            else:
+                _check_positive(f"tiles.{name}", value, allow_zero=name in ("neighbourhood_seconds", "min_gap_seconds"))
+        if (not self.is_auto and self.min_gap_seconds > self.neighbourhood_seconds):
             raise Tile2AudioError(
                 "tiles.min_gap_seconds must not exceed tiles.neighbourhood_seconds"
             )
+
+    @property
+    def is_auto(self) -> bool:
+        """True while any field is still ``auto``."""
+        return any(is_auto(getattr(self, f.name)) for f in dataclasses.fields(self))
 
 
 @dataclass(frozen=True)
@@ -174,27 +207,51 @@ class SamplerConfig:
     ``mode``: ``tile2vec`` (label-free, the default), ``tile2vec-distant`` (label-free,
     the opposite may also be a far tile of the same clip) or ``supervised`` (neighbour of
     the same label, opposite of another label: needs labels, never label-free).
+
+    ``positive``: ``neighbour`` (a tile within the neighbourhood of the anchor) or
+    ``view`` (two independent random crops of the clip, each augmented on its own: for
+    clips too short to hold distinct neighbours). ``clip_fraction`` trains on a seeded
+    subset of the clips (learning curves; the probes still use every clip).
+    ``exclude_group_opposites``: whether
+    clips of the anchor's ``group`` are barred as opposites and in-batch negatives (the
+    probes always split by group, whatever this says). ``positive``, ``augment`` and
+    ``exclude_group_opposites`` default to ``auto``, chosen from the data by
+    :func:`tile2audio.rules.choose_training`; an explicit value always wins.
     """
 
     mode: str = "tile2vec"
+    positive: str = AUTO
+    exclude_group_opposites: bool | str = AUTO
+    clip_fraction: float = 1.0
     memory_gb: float = 4.0
     rotate_steps: int = 500
     distant_prob: float = 0.5
     distant_min_seconds: float | None = None
-    augment: bool = False
+    augment: bool | str = AUTO
     gain_db: float = 6.0
-    time_masks: int = 1
-    time_mask_fraction: float = 0.1
-    freq_masks: int = 1
-    freq_mask_fraction: float = 0.1
+    time_masks: int = 2
+    time_mask_fraction: float = 0.2
+    freq_masks: int = 2
+    freq_mask_fraction: float = 0.2
     mix_prob: float = 0.0
     mix_gain_db: float = -12.0
 
     def __post_init__(self) -> None:
         _check_all_finite(self, "sampler")
         _check_choice("sampler.mode", self.mode, ("tile2vec", "tile2vec-distant", "supervised"))
+        _check_choice("sampler.positive", self.positive, (AUTO,) + POSITIVES)
+        for name in ("augment", "exclude_group_opposites"):
+            if isinstance(getattr(self, name), str):
+                _check_choice(f"sampler.{name}", getattr(self, name), (AUTO,))
+        if not 0.0 < self.clip_fraction <= 1.0:
+            raise Tile2AudioError(f"sampler.clip_fraction must be in (0, 1], got {self.clip_fraction!r}")
         _check_positive("sampler.memory_gb", self.memory_gb)
         _check_positive("sampler.rotate_steps", self.rotate_steps)
+
+    @property
+    def is_auto(self) -> bool:
+        """True while ``positive``, ``augment`` or ``exclude_group_opposites`` is ``auto``."""
+        return any(is_auto(v) for v in (self.positive, self.augment, self.exclude_group_opposites))
 
     @property
     def label_free(self) -> bool:
@@ -208,7 +265,11 @@ class ModelConfig:
 
     ``global_pool`` (cnn only) reduces the last feature map: ``avg``, ``max`` or ``avgmax``
     over time and mels, or ``time``: average over time only, keeping the mel bands as
-    features (the spectrum's frequency axis is not shift-invariant).
+    features (the spectrum's frequency axis is not shift-invariant), or ``frames``: the
+    channels x remaining mel bands of each frame go through a dense layer of
+    ``frame_units`` (ReLU), then mean and max over time are concatenated (the head of
+    BYOL-A's encoder): it keeps where in the spectrum energy sits, which global average
+    pooling over frequency throws away.
     """
 
     encoder: str = "cnn"
@@ -220,6 +281,7 @@ class ModelConfig:
     batch_norm: bool = True
     dropout: float = 0.0
     global_pool: str = "avg"
+    frame_units: int = 512
     rnn_units: int = 128
     bidirectional: bool = True
     resnet_width: int = 64
@@ -229,7 +291,7 @@ class ModelConfig:
     def __post_init__(self) -> None:
         _check_all_finite(self, "model")
         _check_choice("model.encoder", self.encoder, ("cnn", "crnn", "resnet18"))
-        _check_choice("model.global_pool", self.global_pool, ("avg", "max", "avgmax", "time"))
+        _check_choice("model.global_pool", self.global_pool, ("avg", "max", "avgmax", "time", "frames"))
         _check_positive("model.embedding_dim", self.embedding_dim)
         if not self.widths or any(w <= 0 for w in self.widths):
             raise Tile2AudioError(f"model.widths must be positive integers, got {self.widths!r}")
@@ -243,33 +305,50 @@ class LossConfig:
     other clip's tile in the batch as an opposite; ``semi_hard`` and ``hardest`` mine
     in-batch negatives with the clip (and group) as pseudo-label. ``batch_all`` is the
     default: more negatives per anchor trained better embeddings on the development sets.
+    ``kind``: ``triplet`` (the zero-filtered triplet loss, the default) or ``npair``
+    (softmax of the positive against the in-batch negatives at ``temperature``, for
+    comparison; it ignores ``margin``, ``distance``, ``reduction`` and ``negatives``).
     ``symmetric`` also uses each neighbour as an anchor (its anchor is then the positive),
-    which doubles the triplets of a batch at no extra forward pass. Off by default: on the
-    development sets it helped short environmental clips and cost music accuracy, so it
-    is part of the environmental-sound rule (experiments/urbansound.yaml, README).
+    which doubles the triplets of a batch at no extra forward pass. ``auto`` (the default)
+    turns it on for short clips only (:mod:`tile2audio.rules`): on the development sets it
+    helped short environmental clips and cost music accuracy.
     """
 
+    kind: str = "triplet"
+    temperature: float = 0.1
     margin: float = 0.5
     distance: str = "squared"
     reduction: str = "zero_filtered"
     negatives: str = "batch_all"
-    symmetric: bool = False
+    symmetric: bool | str = AUTO
     embedding_l2: float = 0.0
     triplet_weight: float = 1.0
     mse_weight: float = 0.0
 
     def __post_init__(self) -> None:
         _check_all_finite(self, "loss")
+        _check_choice("loss.kind", self.kind, ("triplet", "npair"))
+        _check_positive("loss.temperature", self.temperature)
         _check_choice("loss.distance", self.distance, ("squared", "euclidean"))
         _check_choice("loss.reduction", self.reduction, ("zero_filtered", "mean"))
         _check_choice("loss.negatives", self.negatives, ("single", "batch_all", "semi_hard", "hardest"))
         _check_positive("loss.margin", self.margin, allow_zero=True)
         _check_positive("loss.mse_weight", self.mse_weight, allow_zero=True)
+        if isinstance(self.symmetric, str):
+            _check_choice("loss.symmetric", self.symmetric, (AUTO,))
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Optimisation, checkpoints and distribution (see :mod:`tile2audio.train`)."""
+    """Optimisation, checkpoints, precision and distribution (see :mod:`tile2audio.train`).
+
+    ``precision``: ``auto`` (the default) becomes ``mixed_bfloat16`` on a CPU with bf16
+    instructions (AVX512_BF16 or AMX), ``mixed_float16`` on a GPU (untested here: no GPU
+    on the development machines) and ``float32`` elsewhere; the chosen value is written to
+    the run's config.yaml. Embeddings, distances and losses are float32 in every policy.
+    ``jit_compile`` (XLA) is off by default: on the 2-core development CPU it made the
+    default CNN's step 0.6x as fast (README, speed section).
+    """
 
     epochs: int = 10
     steps_per_epoch: int = 100
@@ -282,6 +361,8 @@ class TrainConfig:
     probe_every_epochs: int = 0
     strategy: str = "auto"
     collapse_threshold: float = 1e-3
+    precision: str = "auto"
+    jit_compile: bool = False
 
     def __post_init__(self) -> None:
         _check_positive("train.epochs", self.epochs)
@@ -297,6 +378,7 @@ class TrainConfig:
         _check_positive("train.collapse_threshold", self.collapse_threshold, allow_zero=True)
         _check_choice("train.lr_schedule", self.lr_schedule, ("constant", "cosine"))
         _check_choice("train.strategy", self.strategy, ("auto", "one", "mirrored", "multiworker"))
+        _check_choice("train.precision", self.precision, PRECISIONS)
 
     @property
     def total_steps(self) -> int:
@@ -357,6 +439,12 @@ class ProbeConfig:
     ``fixed_c`` skips the C search (used to reproduce a published anchor).
     ``pooling`` defaults to ``meanstd`` (mean and std of the tile embeddings): on the
     development sets it beat mean pooling for the trained encoders (experiments/README.md).
+    ``baselines`` lists the handcrafted baselines shown beside the trained run and its
+    random-weight twin in the probe and k-means tables: ``mfcc``, ``egemaps``
+    (openSMILE eGeMAPSv02) and ``compare`` (ComParE_2016); the openSMILE ones need
+    ``pip install -e ".[opensmile]"``. Unset (None), it is every kind installed:
+    ``[mfcc, egemaps, compare]`` with openSMILE, ``[mfcc]`` without
+    (:func:`tile2audio.baselines.resolve_baselines`).
     """
 
     protocol: str = "auto"
@@ -368,11 +456,16 @@ class ProbeConfig:
     pooling: str = "meanstd"
     level: str = "clip"
     seed: int = 0
+    baselines: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         _check_all_finite(self, "probe")
         _check_positive("probe.seed", self.seed, allow_zero=True)
         _check_choice("probe.protocol", self.protocol, ("auto", "split", "fold", "kfold"))
+        for kind in self.baselines or ():
+            _check_choice("probe.baselines[]", kind, ("mfcc", "egemaps", "compare"))
+        if self.baselines is not None and len(set(self.baselines)) != len(self.baselines):
+            raise Tile2AudioError(f"probe.baselines lists a kind twice: {list(self.baselines)}")
         _check_choice("probe.pooling", self.pooling, ("mean", "meanstd", "max"))
         _check_choice("probe.level", self.level, ("clip", "tile"))
 
@@ -451,11 +544,20 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
     """Convert a YAML value to the field's type, or raise naming the key."""
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)
+    if isinstance(value, float) and not math.isfinite(value):
+        # before the union branch: ``float | str`` must not turn .inf into "must be a string"
+        raise Tile2AudioError(f"{where} must be a finite number, got {value!r}")
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
-        return _coerce(value, inner[0], where)
+        # ``float | str`` and ``bool | str`` fields take a number (or bool) or ``auto``.
+        for option in inner[:-1]:
+            try:
+                return _coerce(value, option, where)
+            except Tile2AudioError:
+                continue
+        return _coerce(value, inner[-1], where)
     if dataclasses.is_dataclass(hint):
         if not isinstance(value, Mapping):
             raise Tile2AudioError(f"{where} must be a mapping, got {value!r}")

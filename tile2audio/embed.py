@@ -329,13 +329,13 @@ def embed_frames(encoder, frames: np.ndarray, geometry, batch_size: int = 128) -
 
 
 def _clip_sources(paths, root=None):
-    """Yield (kind, object) for a manifest CSV, a cache directory or audio files."""
+    """Yield (kind, object) for a manifest CSV, a cache directory, audio folders or audio files."""
     from .features import open_cache
 
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
     paths = [Path(p) for p in paths]
-    if len(paths) == 1 and paths[0].is_dir():
+    if len(paths) == 1 and _is_cache_dir(paths[0]):
         return "cache", open_cache(paths[0])
     if len(paths) == 1 and paths[0].suffix.lower() == ".csv":
         from .datasets import read_manifest, resolve_paths
@@ -343,11 +343,44 @@ def _clip_sources(paths, root=None):
         df = read_manifest(paths[0])
         df = df.assign(path=[str(p) for p in resolve_paths(df, root)])
         return "manifest", df
-    missing = [str(p) for p in paths if not p.is_file()]
+    missing = [str(p) for p in paths if not p.exists()]
     if missing:
         raise Tile2AudioError(f"not found: {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
-    return "files", pd.DataFrame({"clip_id": [p.stem if len({q.stem for q in paths}) == len(paths) else str(p) for p in paths],
-                                  "path": [str(p) for p in paths]})
+    caches = [str(p) for p in paths if _is_cache_dir(p)]
+    if caches:
+        raise Tile2AudioError(f"a feature cache can only be embedded on its own: {', '.join(caches[:3])}")
+    files = [p for p in paths if not p.is_dir()]
+    parts = [pd.DataFrame({"clip_id": [p.stem if len({q.stem for q in files}) == len(files) else str(p) for p in files],
+                           "path": [str(p) for p in files]})]
+    folders = [p for p in paths if p.is_dir()]
+    for folder in folders:
+        parts.append(_folder_clips(folder, prefix=len(paths) > 1))
+    clips = pd.concat(parts, ignore_index=True)
+    dup = clips["clip_id"][clips["clip_id"].duplicated()]
+    if len(dup):
+        raise Tile2AudioError(f"the inputs give clip ids twice: {', '.join(dup.unique()[:5])}; embed them separately")
+    return "files", clips
+
+
+def _is_cache_dir(path: Path) -> bool:
+    """True for a feature cache written by build_cache (a plain folder of audio is not one)."""
+    return path.is_dir() and (path / "index.csv").is_file() and (path / "params.json").is_file()
+
+
+def _folder_clips(folder: Path, prefix: bool) -> pd.DataFrame:
+    """Every audio file under ``folder`` (recursive, the folder loader's extensions).
+
+    The clip id is the path relative to the folder without its extension (prefixed by
+    the folder's name when several inputs are embedded together); the label is the
+    parent folder's name, as ``tile2audio manifest folder`` gives it.
+    """
+    from .datasets import build_manifest, resolve_paths
+
+    df = build_manifest("folder", folder)
+    df = df.assign(path=[str(p) for p in resolve_paths(df)])
+    if prefix:
+        df["clip_id"] = folder.name + "/" + df["clip_id"].astype(str)
+    return df
 
 
 def run_inputs(run_dir: str | os.PathLike, config=None) -> tuple:
@@ -401,7 +434,9 @@ def embed(
     run_dir : path
         A run directory from :func:`tile2audio.train.train`.
     paths : path or list of paths
-        A manifest CSV, a feature cache directory, or audio files. Raw audio goes
+        A manifest CSV, a feature cache directory, or audio files and folders of audio
+        (searched recursively for every audio extension of the folder loader; clip id =
+        relative path without extension, label = parent folder name). Raw audio goes
         through the run's own feature parameters and normalisation statistics.
     out_dir : path, optional
         Write the embedding directory here (see module docstring). Without it the

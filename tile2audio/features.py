@@ -187,6 +187,8 @@ def _analyse_clip(path: Path, params: FeatureParams) -> _ClipResult:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", TruncatedAudioWarning)
         y = load_audio(path, params.sample_rate, params.channel, truncated="keep")
+    if params.max_seconds is not None:
+        y = y[: max(1, int(round(params.max_seconds * params.sample_rate)))]
     duration = y.shape[0] / params.sample_rate
     notes: list[str] = []
     issues: list[str] = []

@@ -22,7 +22,7 @@ from typing import Mapping, Sequence
 
 import tensorflow as tf
 
-from .config import LossConfig
+from .config import LossConfig, is_auto
 from .errors import Tile2AudioError
 
 __all__ = [
@@ -258,6 +258,46 @@ def in_batch_triplet_loss(
     return _reduce(per, valid, reduction), per, valid
 
 
+def npair_loss(za, zn, zo, batch: Mapping, temperature: float = 0.1,
+               symmetric: bool = False) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+    """Multi-negative (N-pair / InfoNCE) loss: softmax of the positive against in-batch negatives.
+
+    For anchor ``i`` the logits are ``z_i . z_pos / t`` and ``z_i . z_j / t`` for every
+    valid negative ``j`` of :func:`negative_mask` (others are left out of the softmax);
+    the loss is the cross-entropy of picking the positive. A comparison option only
+    (``loss.kind: npair``); the zero-filtered triplet loss stays the default.
+
+    Parameters
+    ----------
+    za, zn, zo : tensor, shape (B, D)
+        Embeddings (unit-norm, so the logits are cosine similarities over ``t``).
+    batch : mapping
+        Clip / group labels, see :func:`negative_mask`.
+    temperature : float
+        Softmax temperature ``t`` > 0.
+    symmetric : bool
+        Also use each neighbour as an anchor (rows become 2B).
+
+    Returns
+    -------
+    loss : tf.Tensor, scalar
+        Mean over anchors.
+    per, valid : tf.Tensor, shape (B,) (or (2B,))
+        Per-anchor losses, and True for every row.
+    """
+    mask = negative_mask(batch)
+    candidates = tf.concat([za, zn, zo], axis=0)
+    if symmetric:
+        za, zn, mask = tf.concat([za, zn], axis=0), tf.concat([zn, za], axis=0), tf.concat([mask, mask], axis=0)
+    t = float(temperature)
+    positive = tf.reduce_sum(za * zn, axis=1, keepdims=True) / t
+    # An excluded candidate gets a logit so low that its softmax weight is exactly 0.
+    others = tf.where(mask, tf.matmul(za, candidates, transpose_b=True) / t, -1e9)
+    per = -tf.nn.log_softmax(tf.concat([positive, others], axis=1), axis=1)[:, 0]
+    valid = tf.ones_like(per, dtype=tf.bool)
+    return tf.reduce_mean(per), per, valid
+
+
 def reconstruction_mse(reconstructions: Sequence, tiles: Sequence) -> tf.Tensor:
     """Mean squared error of reconstructions against their tiles, averaged over all of them.
 
@@ -327,8 +367,12 @@ def compute_losses(
     """
     if not isinstance(loss, LossConfig):
         raise Tile2AudioError(f"expected a LossConfig, got {type(loss).__name__}")
+    if is_auto(loss.symmetric):
+        raise Tile2AudioError("loss.symmetric is 'auto': resolve it with tile2audio.rules.choose_training first")
     za, zn, zo = _f32(za), _f32(zn), _f32(zo)
-    if loss.negatives == "single":
+    if loss.kind == "npair":
+        triplet, per, valid = npair_loss(za, zn, zo, batch, loss.temperature, loss.symmetric)
+    elif loss.negatives == "single":
         if loss.symmetric:
             # The neighbour as anchor: the same opposite, the anchor as positive.
             triplet, per = triplet_loss(

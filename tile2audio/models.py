@@ -5,6 +5,14 @@ with ``D = model.embedding_dim``; the decoder maps ``(B, D)`` back to ``(B, T, M
 Only built-in Keras layers are used (no ``Lambda``), so a saved ``.keras`` file loads
 with ``keras.saving.load_model(path, safe_mode=True)``.
 
+Speed on CPUs: ``build_encoder(..., fused_batch_norm=True, precision="mixed_bfloat16")``
+builds the training twin. Keras 3's BatchNormalization computes its moments with separate
+element-wise ops (and in float32 even under a bfloat16 policy), which cost a CPU training
+step more than its convolutions; :class:`FusedBatchNorm` calls TensorFlow's fused kernel
+in training instead. It is a training-time layer only: :func:`export_encoder` copies the
+weights into the same architecture built with plain Keras ``BatchNormalization``, so the
+saved ``.keras`` files load with safe mode and without tile2audio.
+
 Seeding: each layer with random weights (or a dropout mask) gets its own integer seed,
 drawn from ``numpy.random.SeedSequence(seed)``. Building twice with the same ``seed``
 therefore gives identical initial weights, and building never touches the global
@@ -19,16 +27,53 @@ from typing import Sequence
 import keras
 import numpy as np
 
+from .config import PRECISIONS as CONFIG_PRECISIONS
 from .config import ModelConfig
 from .errors import Tile2AudioError
 
-__all__ = ["build_encoder", "build_decoder", "describe"]
+__all__ = ["build_encoder", "build_decoder", "export_encoder", "describe", "FusedBatchNorm", "PRECISIONS"]
+
+#: Keras dtype policies an encoder can be built in (``config.PRECISIONS`` without ``auto``).
+PRECISIONS = tuple(p for p in CONFIG_PRECISIONS if p != "auto")
+
+
+class FusedBatchNorm(keras.layers.BatchNormalization):
+    """BatchNormalization whose training call is TensorFlow's fused kernel (NHWC, last axis).
+
+    The fused op normalises with the batch's biased variance, like Keras, and returns the
+    updated moving averages directly (``exponential_avg_factor = 1 - momentum``); TF's
+    moving variance carries Bessel's correction (n / (n - 1)), a difference of 1/n that
+    vanishes for the batch x time x mel counts of a tile batch. Inference, other ranks,
+    renorm, masks and synchronised (multi-replica) batch norm fall back to Keras's call.
+    Never saved: :func:`export_encoder` turns it back into a plain BatchNormalization.
+    """
+
+    def call(self, inputs, training=None, mask=None):
+        import tensorflow as tf
+
+        plain = (not training or not self.trainable or mask is not None or self.renorm
+                 or self.synchronized or len(inputs.shape) != 4 or self.axis not in (-1, 3))
+        if plain:
+            return super().call(inputs, training=training, mask=mask)
+        channels = inputs.shape[-1]
+        scale = tf.cast(self.gamma, tf.float32) if self.scale else tf.ones([channels], tf.float32)
+        offset = tf.cast(self.beta, tf.float32) if self.center else tf.zeros([channels], tf.float32)
+        y, mean, variance = tf.compat.v1.nn.fused_batch_norm(
+            inputs, scale, offset,
+            mean=tf.convert_to_tensor(self.moving_mean), variance=tf.convert_to_tensor(self.moving_variance),
+            epsilon=self.epsilon, data_format="NHWC", is_training=True,
+            exponential_avg_factor=1.0 - self.momentum,
+        )
+        self.moving_mean.assign(mean)
+        self.moving_variance.assign(variance)
+        return tf.cast(y, self.compute_dtype)
 
 
 class _Seeds:
-    """Deterministic stream of distinct per-layer integer seeds derived from one seed."""
+    """One build's per-layer integer seeds (a deterministic stream from one seed) and its batch-norm class."""
 
-    def __init__(self, seed: int, block: int = 256) -> None:
+    def __init__(self, seed: int, block: int = 256, fused_batch_norm: bool = False) -> None:
+        self.batch_norm = FusedBatchNorm if fused_batch_norm else keras.layers.BatchNormalization
         if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
             raise Tile2AudioError(f"model seed must be a non-negative integer, got {seed!r}")
         self._sequence = np.random.SeedSequence(int(seed))
@@ -74,7 +119,7 @@ def _check_model(model: ModelConfig) -> None:
     """Check the ModelConfig fields that config.py leaves unchecked."""
     if not isinstance(model, ModelConfig):
         raise Tile2AudioError(f"expected a ModelConfig, got {type(model).__name__}")
-    for name in ("kernel_size", "stride", "pool_size", "rnn_units", "resnet_width"):
+    for name in ("kernel_size", "stride", "pool_size", "rnn_units", "resnet_width", "frame_units"):
         value = getattr(model, name)
         if int(value) <= 0:
             raise Tile2AudioError(f"model.{name} must be > 0, got {value!r}")
@@ -104,7 +149,7 @@ def _conv_block(x, width: int, model: ModelConfig, seeds: _Seeds, name: str):
         use_bias=not model.batch_norm, kernel_initializer=seeds.glorot(), name=f"{name}_conv",
     )(x)
     if model.batch_norm:
-        x = keras.layers.BatchNormalization(name=f"{name}_bn")(x)
+        x = seeds.batch_norm(name=f"{name}_bn")(x)
     x = keras.layers.ReLU(name=f"{name}_relu")(x)
     t, m = _spatial(x)
     pool = (_pool_for(t, model.pool_size), _pool_for(m, model.pool_size))
@@ -122,8 +167,17 @@ def _conv_stack(x, model: ModelConfig, seeds: _Seeds):
     return x
 
 
-def _global_pool(x, how: str):
-    """Global average, max, or both over (time, mels); ``time``: average over time only."""
+def _global_pool(x, how: str, model: ModelConfig | None = None, seeds: "_Seeds | None" = None):
+    """Global average, max, or both over (time, mels); ``time``: average over time only;
+    ``frames``: per-frame dense layer over (mels x channels), then mean and max over time."""
+    if how == "frames":
+        _, mels, channels = x.shape[1:]
+        x = keras.layers.Reshape((-1, int(mels) * int(channels)), name="frames_to_features")(x)
+        x = keras.layers.Dense(model.frame_units, activation="relu", kernel_initializer=seeds.glorot(),
+                               name="frame_dense")(x)
+        avg = keras.layers.GlobalAveragePooling1D(name="time_avg")(x)
+        mx = keras.layers.GlobalMaxPooling1D(name="time_max")(x)
+        return keras.layers.Concatenate(name="time_avgmax")([avg, mx])
     if how == "time":
         # Keeps where in the spectrum a feature fired: the mel axis is not shift-invariant.
         _, mels, channels = x.shape[1:]
@@ -144,7 +198,7 @@ def _global_pool(x, how: str):
 def _cnn_body(x, model: ModelConfig, seeds: _Seeds):
     """Conv blocks then global pooling: (B, T, M, C) -> (B, F)."""
     x = _conv_stack(x, model, seeds)
-    return _global_pool(x, model.global_pool)
+    return _global_pool(x, model.global_pool, model, seeds)
 
 
 def _crnn_body(x, model: ModelConfig, seeds: _Seeds):
@@ -175,7 +229,7 @@ def _conv_bn(x, width: int, kernel: int, stride: int, seeds: _Seeds, name: str, 
         width, kernel, strides=stride, padding="same", use_bias=False,
         kernel_initializer=seeds.he(), name=f"{name}_conv",
     )(x)
-    x = keras.layers.BatchNormalization(name=f"{name}_bn")(x)
+    x = seeds.batch_norm(name=f"{name}_bn")(x)
     return keras.layers.ReLU(name=f"{name}_relu")(x) if relu else x
 
 
@@ -222,6 +276,9 @@ def build_encoder(
     input_shape: tuple[int, int, int],
     seed: int = 0,
     name: str = "encoder",
+    *,
+    precision: str = "float32",
+    fused_batch_norm: bool = False,
 ) -> keras.Model:
     """Build the tile encoder chosen by ``model.encoder``.
 
@@ -240,11 +297,17 @@ def build_encoder(
         weights. The global random state is not touched.
     name : str, optional
         Name of the returned model.
+    precision : {"float32", "mixed_bfloat16", "mixed_float16"}, optional
+        Keras dtype policy of every layer but the last two: the ``embedding`` dense layer
+        and the L2 normalisation always compute in float32, so embeddings, distances and
+        losses stay float32.
+    fused_batch_norm : bool, optional
+        Use :class:`FusedBatchNorm` (the training twin; see :func:`export_encoder`).
 
     Returns
     -------
     keras.Model
-        Maps ``(B, T, M, C)`` float32 to ``(B, embedding_dim)``; with
+        Maps ``(B, T, M, C)`` float32 to ``(B, embedding_dim)`` float32; with
         ``model.l2_normalize`` every output row has unit L2 norm.
 
     Raises
@@ -253,14 +316,47 @@ def build_encoder(
         For a malformed ``input_shape``, seed or configuration.
     """
     _check_model(model)
+    if precision not in PRECISIONS:
+        raise Tile2AudioError(f"precision must be one of {list(PRECISIONS)}, got {precision!r}")
     shape = _check_shape(input_shape, "encoder")
-    seeds = _Seeds(seed)
-    inputs = keras.Input(shape=shape, name="tile")
-    x = _BODIES[model.encoder](inputs, model, seeds)
-    x = keras.layers.Dense(model.embedding_dim, kernel_initializer=seeds.glorot(), name="embedding")(x)
+    seeds = _Seeds(seed, fused_batch_norm=fused_batch_norm)
+    previous = keras.config.dtype_policy()
+    # The policy is global in Keras; it is set for this build only and always restored.
+    keras.config.set_dtype_policy(precision)
+    try:
+        inputs = keras.Input(shape=shape, name="tile")
+        x = _BODIES[model.encoder](inputs, model, seeds)
+    finally:
+        keras.config.set_dtype_policy(previous)
+    x = keras.layers.Dense(model.embedding_dim, kernel_initializer=seeds.glorot(), name="embedding",
+                           dtype="float32")(x)
     if model.l2_normalize:
-        x = keras.layers.UnitNormalization(axis=-1, name="l2_normalize")(x)
+        x = keras.layers.UnitNormalization(axis=-1, name="l2_normalize", dtype="float32")(x)
     return keras.Model(inputs, x, name=name)
+
+
+def export_encoder(encoder: keras.Model, model: ModelConfig, precision: str = "float32") -> keras.Model:
+    """The same encoder built with plain Keras layers only, holding ``encoder``'s weights.
+
+    Parameters
+    ----------
+    encoder : keras.Model
+        An encoder from :func:`build_encoder` (possibly with ``fused_batch_norm=True``).
+    model : ModelConfig
+        The configuration it was built from.
+    precision : str, optional
+        Dtype policy of the copy (the run's precision, so that embedding runs in it).
+
+    Returns
+    -------
+    keras.Model
+        Same architecture, layer names and weights, with :class:`FusedBatchNorm` replaced
+        by ``BatchNormalization``: it saves and loads with ``safe_mode=True``.
+    """
+    twin = build_encoder(model, tuple(encoder.input_shape[1:]), seed=0, name=encoder.name,
+                         precision=precision)
+    twin.set_weights(encoder.get_weights())
+    return twin
 
 
 # --------------------------------------------------------------------------- decoder

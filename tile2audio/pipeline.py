@@ -7,7 +7,8 @@ Layout of an experiment's output folder::
       stages.json          a fingerprint per finished stage (what makes a stage up to date)
       data/                synthetic audio (demo only)
       manifest.csv
-      cache/               log-mel cache (+ mfcc_stats.npz, the MFCC baseline features)
+      cache/               log-mel cache (+ mfcc_stats.npz, egemaps_stats.npz, compare_stats.npz:
+                           the handcrafted baselines' features, computed once per cache)
       run/                 the training run (encoder.keras, log.csv ...)
         embeddings/trained/  embeddings/random/
       probe/probe.json
@@ -84,8 +85,12 @@ def _fingerprints(cfg: ExperimentConfig) -> dict[str, str]:
     fps["features"] = _fingerprint(fps["manifest"], c["features"])
     fps["train"] = _fingerprint(fps["features"], *(c[k] for k in ("tiles", "sampler", "model", "loss", "train")))
     fps["embed"] = _fingerprint(fps["train"], c["embed"])
-    fps["probe"] = _fingerprint(fps["embed"], c["probe"])
-    fps["cluster"] = _fingerprint(fps["embed"], c["cluster"])
+    # The resolved baselines, so installing opensmile later reruns the probe and cluster stages.
+    from .baselines import resolve_baselines
+
+    kinds = resolve_baselines(cfg.probe.baselines)
+    fps["probe"] = _fingerprint(fps["embed"], {**c["probe"], "baselines": kinds})
+    fps["cluster"] = _fingerprint(fps["embed"], c["cluster"], kinds)
     fps["report"] = _fingerprint(fps["probe"], fps["cluster"])
     return fps
 
@@ -154,14 +159,32 @@ def _embed_stage(cfg: ExperimentConfig, out: Path, progress: bool) -> dict:
 
 def mfcc_baseline(cache_dir: str | os.PathLike, progress: bool = True):
     """The MFCC-statistics baseline of a cache's clips, as an EmbeddingSet (cached on disk)."""
-    from .baselines import mfcc_embeddings
+    return baseline_sets(cache_dir, ["mfcc"], progress)[0]
+
+
+def baseline_sets(cache_dir: str | os.PathLike, kinds: Sequence[str] | None = None, progress: bool = True) -> list:
+    """The handcrafted baselines of a cache's clips, as EmbeddingSets (cached in the cache).
+
+    Parameters
+    ----------
+    cache_dir : a feature cache directory
+    kinds : ``probe.baselines`` (None: every kind installed, see
+        :func:`tile2audio.baselines.resolve_baselines`)
+
+    Returns
+    -------
+    list of EmbeddingSet, one per kind, each (n_clips, dim) at clip level.
+    """
+    from .baselines import KINDS, baseline_embeddings, resolve_baselines
     from .features import open_cache
 
     cache = open_cache(cache_dir)
     idx = cache.index
     paths = [Path(r) / p for r, p in zip(idx["root"], idx["path"])]
-    return mfcc_embeddings(idx, paths, cache_file=Path(cache.path) / "mfcc_stats.npz", progress=progress,
-                           name="MFCC statistics")
+    # Baselines see the same audio as the encoder: the cache's crop (features.max_seconds) too.
+    return [baseline_embeddings(k, idx, paths, cache_file=Path(cache.path) / KINDS[k].cache_name, progress=progress,
+                                max_seconds=cache.params.max_seconds)
+            for k in resolve_baselines(kinds)]
 
 
 def run_experiment(cfg: ExperimentConfig, out: str | os.PathLike, *, dry_run: bool = False,
@@ -236,13 +259,16 @@ def run_experiment(cfg: ExperimentConfig, out: str | os.PathLike, *, dry_run: bo
     def probe():
         from .probes import run_probes
 
-        result = run_probes(entries + [mfcc_baseline(out / "cache", progress)], cfg.probe, progress=progress)
+        result = run_probes(entries + baseline_sets(out / "cache", cfg.probe.baselines, progress), cfg.probe,
+                            progress=progress)
         atomic.write_json(out / "probe" / "probe.json", result)
 
     def cluster():
-        from .clusters import cluster_embeddings
+        from .clusters import cluster_entries
 
-        cluster_embeddings(entries[0], cfg.cluster, out / "cluster")
+        # Same entries as the probe table: the trained run, its random twin, the baselines.
+        cluster_entries(entries + baseline_sets(out / "cache", cfg.probe.baselines, progress), cfg.cluster,
+                        out / "cluster", figure_entry=entries[0])
 
     stage("probe", probe)
     stage("cluster", cluster)
@@ -257,7 +283,8 @@ def run_experiment(cfg: ExperimentConfig, out: str | os.PathLike, *, dry_run: bo
         extra = {"experiment": cfg.name, "train_seconds": run_info.get("train_seconds"),
                  "steps": run_info.get("step"), "label_free": run_info.get("label_free"),
                  "config": to_dict(cfg), "stage_seconds": timings}
-        return make_report(entries, out / "report", cfg.probe, cfg.cluster, title=f"tile2audio: {cfg.name}",
+        baselines = baseline_sets(out / "cache", cfg.probe.baselines, progress)  # cached: no recomputation
+        return make_report(entries + baselines, out / "report", cfg.probe, cfg.cluster, title=f"tile2audio: {cfg.name}",
                            probe_result=probe_result, cluster_result=cluster_result, extra=extra)
 
     stage("report", report)
@@ -303,7 +330,7 @@ def report_runs(run_dirs: Sequence[str | os.PathLike], out: str | os.PathLike,
     (cached under the run's ``embeddings/``); the first run's initial weights give the
     random-weight baseline and the cache's audio gives the MFCC baseline.
     """
-    from .clusters import cluster_embeddings
+    from .clusters import cluster_entries
     from .probes import run_probes
     from .report import make_report
     from .train import read_run
@@ -317,10 +344,10 @@ def report_runs(run_dirs: Sequence[str | os.PathLike], out: str | os.PathLike,
     rnd = runs[0] / "embeddings" / "random"
     entries.append(load_embeddings(rnd) if (rnd / "clip_embeddings.npz").is_file() else
                    embed(runs[0], cache, rnd, weights="init", skip_existing=True, progress=progress))
-    entries.append(mfcc_baseline(cache, progress))
+    entries += baseline_sets(cache, cfg.probe.baselines, progress)
     out = Path(out)
     probe_result = run_probes(entries, cfg.probe, progress=progress)
-    cluster_result = cluster_embeddings(entries[0], cfg.cluster, out)
+    cluster_result = cluster_entries(entries, cfg.cluster, out, figure_entry=entries[0])
     extra = {"runs": [str(r) for r in runs],
              "train_seconds": {r.name: read_run(r).get("train_seconds") for r in runs}}
     return make_report(entries, out, cfg.probe, cfg.cluster, probe_result=probe_result,

@@ -10,6 +10,9 @@ are PNGs beside them, drawn with matplotlib's Agg backend:
 ``embedding_map.png``
     a 2-D map of that entry's clip embeddings coloured by label: UMAP when umap-learn
     is installed, t-SNE otherwise (the title says which);
+``embedding_map_random.png``
+    the same map of its random-weight twin (the run's initial weights), shown beside
+    it so a reader sees what training changed;
 ``kmeans_curves.png``
     elbow and silhouette curves of that entry (see :mod:`tile2audio.clusters`).
 
@@ -20,7 +23,6 @@ label-free result.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from pathlib import Path
@@ -29,10 +31,11 @@ from typing import Sequence
 import numpy as np
 
 from . import atomic
-from .clusters import cluster_embeddings, cluster_features, cluster_sweep, plot_curves
+from .clusters import cluster_entries
 from .config import ClusterConfig, ProbeConfig, to_dict
 from .errors import Tile2AudioError
-from .probes import SMALL_PROBLEM, run_probes
+from .plots import plot_confusion, plot_curves, plot_embedding_map
+from .probes import run_probes
 
 log = logging.getLogger(__name__)
 
@@ -73,132 +76,6 @@ def _entry_by_name(entries: Sequence, name: str | None):
 # --------------------------------------------------------------------------- figures
 
 
-def _pyplot():
-    """matplotlib.pyplot on the Agg backend."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save(fig, path: Path) -> None:
-    """Save a figure atomically as PNG and close it."""
-    with atomic.atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
-    _pyplot().close(fig)
-
-
-def plot_confusion(confusion: list, labels: list[str], path: str | Path, title: str) -> Path:
-    """Confusion matrix: colour is the fraction of the true class, text the count.
-
-    Parameters
-    ----------
-    confusion : (L, L) counts, rows true labels, columns predicted
-    labels : the L label names
-    path : output .png
-    title : figure title
-
-    Returns
-    -------
-    Path
-    """
-    plt = _pyplot()
-    cm = np.asarray(confusion, dtype=float)
-    frac = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
-    size = max(5.0, 0.55 * len(labels) + 2.5)
-    fig, ax = plt.subplots(figsize=(size + 1, size))
-    im = ax.imshow(frac, cmap="Blues", vmin=0, vmax=1)
-    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="fraction of the true class")
-    ticks = np.arange(len(labels))
-    ax.set_xticks(ticks, labels, rotation=45, ha="right")
-    ax.set_yticks(ticks, labels)
-    ax.set_xlabel("predicted label")
-    ax.set_ylabel("true label")
-    for i in range(len(labels)):
-        for j in range(len(labels)):
-            ax.text(j, i, f"{int(cm[i, j])}", ha="center", va="center", fontsize=8,
-                    color="white" if frac[i, j] > 0.5 else "black")
-    ax.set_title(title)
-    path = Path(path)
-    _save(fig, path)
-    return path
-
-
-def _project_2d(X: np.ndarray, seed: int) -> tuple[np.ndarray, str]:
-    """2-D coordinates of standardised rows: UMAP when installed, else t-SNE."""
-    from sklearn.preprocessing import StandardScaler
-    from threadpoolctl import threadpool_limits
-
-    X = StandardScaler().fit_transform(np.asarray(X, dtype=np.float64))
-    with threadpool_limits(1 if X.size < SMALL_PROBLEM else None):
-        return _project(X, seed)
-
-
-def _project(X: np.ndarray, seed: int) -> tuple[np.ndarray, str]:
-    """PCA to 50 dimensions when wider, then UMAP or t-SNE to 2."""
-    from sklearn.decomposition import PCA
-
-    if X.shape[1] > 50 and X.shape[0] > 50:
-        X = PCA(n_components=50, random_state=seed).fit_transform(X)
-    try:
-        import umap  # optional dependency
-
-        return umap.UMAP(n_components=2, random_state=seed).fit_transform(X), "UMAP"
-    except ImportError:
-        from sklearn.manifold import TSNE
-
-        perplexity = float(min(30.0, max(2.0, (X.shape[0] - 1) / 3)))
-        tsne = TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed)
-        return tsne.fit_transform(X), "t-SNE"
-
-
-def plot_embedding_map(X: np.ndarray, labels: np.ndarray, path: str | Path, name: str,
-                       pooling: str = "mean", seed: int = 0) -> tuple[Path, str]:
-    """2-D map of clip embeddings coloured by label.
-
-    Parameters
-    ----------
-    X : np.ndarray, shape (n_clips, D)
-    labels : np.ndarray of str, shape (n_clips,); "" is drawn grey as "(no label)"
-    path : output .png
-    name, pooling : for the title
-    seed : projection seed
-
-    Returns
-    -------
-    (Path, str)
-        The PNG and the method used (``UMAP`` or ``t-SNE``).
-    """
-    plt = _pyplot()
-    X = np.asarray(X)
-    keep = np.isfinite(X).all(axis=1)
-    X, labels = X[keep], np.asarray(labels).astype(str)[keep]
-    if len(X) < 5:
-        raise Tile2AudioError(f"an embedding map needs at least 5 clips, got {len(X)}")
-    xy, method = _project_2d(X, seed)
-    names = sorted(set(labels) - {""})
-    cmap = plt.get_cmap("tab10" if len(names) <= 10 else "tab20")
-    fig, ax = plt.subplots(figsize=(8, 6.5))
-    if (labels == "").any():
-        m = labels == ""
-        ax.scatter(xy[m, 0], xy[m, 1], s=12, c="lightgrey", label="(no label)")
-    for i, lab in enumerate(names):
-        m = labels == lab
-        ax.scatter(xy[m, 0], xy[m, 1], s=14, color=cmap(i % cmap.N), label=lab, alpha=0.85)
-    ax.set_xlabel(f"{method} 1")
-    ax.set_ylabel(f"{method} 2")
-    ax.set_title(f"{method} of {name} clip embeddings ({pooling} pooling, {len(X)} clips)")
-    ax.legend(title="label", loc="center left", bbox_to_anchor=(1.01, 0.5), markerscale=1.5)
-    path = Path(path)
-    _save(fig, path)
-    return path, method
-
-
-# --------------------------------------------------------------------------- report
-
-
 def _clean(obj):
     """JSON-safe copy: numpy to Python, NaN / inf to None."""
     if isinstance(obj, dict):
@@ -217,20 +94,8 @@ def _clean(obj):
 
 
 def _cluster_all(entries, config: ClusterConfig, figure_entry, out_dir: Path) -> dict:
-    """Cluster sweep of every entry; the figure entry also writes cluster.json and its curves."""
-    results = []
-    for e in entries:
-        if e is figure_entry:
-            results.append(cluster_embeddings(e, config, out_dir))
-            continue
-        X, labels = cluster_features(e, config)
-        try:
-            r = cluster_sweep(X, labels, config)
-        except Tile2AudioError as exc:
-            log.warning("k-means analysis of %s skipped: %s", e.name, exc)
-            continue
-        results.append({"name": e.name, "kind": e.kind, "level": config.level, **r})
-    return {"figure_entry": figure_entry.name, "entries": results}
+    """Cluster sweep of every entry; the figure entry also draws its curves."""
+    return cluster_entries(entries, config, out_dir, figure_entry=figure_entry)
 
 
 def _wrap_cluster(cluster_result: dict, figure_name: str) -> dict:
@@ -240,8 +105,33 @@ def _wrap_cluster(cluster_result: dict, figure_name: str) -> dict:
     return {"figure_entry": cluster_result.get("name", figure_name), "entries": [cluster_result]}
 
 
-def _figures(probe_result, cluster, best, probe_config, out_dir) -> list[dict]:
-    """Draw the confusion matrix, the embedding map and the k-means curves."""
+def _random_twin(best, entries):
+    """The random-weight entry of ``best``'s run (else the first random entry), or None."""
+    randoms = [e for e in entries if e.kind == "random" and e is not best]
+    run = best.meta.get("run_dir")
+    same = [e for e in randoms if run and e.meta.get("run_dir") == run]
+    return (same or randoms or [None])[0]
+
+
+def _twin_map(best, entries, probe_config, out_dir: Path) -> list[dict]:
+    """The random-weight twin's map, drawn like the best entry's (same pooling and seed)."""
+    twin = _random_twin(best, entries)
+    if twin is None or best.kind == "random":
+        return []
+    try:
+        _, method = plot_embedding_map(twin.pooled(probe_config.pooling), twin.clips["label"].to_numpy(),
+                                       out_dir / "embedding_map_random.png", twin.name, probe_config.pooling,
+                                       probe_config.seed)
+    except Tile2AudioError as exc:
+        log.warning("random-weight embedding map skipped: %s", exc)
+        return []
+    return [{"file": "embedding_map_random.png", "kind": "map_random", "method": method,
+             "caption": f"{method} map of {twin.name} (the same encoder with its initial random weights): "
+                        "what training changed."}]
+
+
+def _figures(probe_result, cluster, best, probe_config, out_dir, entries=()) -> list[dict]:
+    """Draw the confusion matrix, the embedding maps (trained and random twin) and the k-means curves."""
     figures = []
     row = next((r for r in probe_result["rows"] if r["name"] == best.name and r["probe"] == "logreg"), None)
     if row is not None:
@@ -258,6 +148,7 @@ def _figures(probe_result, cluster, best, probe_config, out_dir) -> list[dict]:
                         "caption": f"{method} map of {best.name} clip embeddings, coloured by label."})
     except Tile2AudioError as exc:
         log.warning("embedding map skipped: %s", exc)
+    figures += _twin_map(best, entries, probe_config, out_dir)
     fig_res = next((r for r in cluster["entries"] if r.get("name") == cluster["figure_entry"]), None)
     if fig_res is None and cluster["entries"]:
         fig_res = cluster["entries"][0]
@@ -322,7 +213,7 @@ def make_report(
         cluster = _cluster_all(entries, cluster_config, best, out_dir)
     else:
         cluster = _wrap_cluster(cluster_result, best.name)
-    figures = _figures(probe_result, cluster, best, probe_config, out_dir)
+    figures = _figures(probe_result, cluster, best, probe_config, out_dir, entries)
     report = _clean({
         "title": title,
         "protocol": probe_result["protocol"],
@@ -441,12 +332,30 @@ def _cluster_section(report: dict) -> list[str]:
 
 
 def _extra_section(report: dict) -> list[str]:
-    """The ``extra`` mapping as a key / value table."""
+    """The ``extra`` mapping (run facts, the resolved config) as a YAML block."""
+    import yaml
+
     extra = report.get("extra") or {}
     if not extra:
         return []
-    table = [[k, v if isinstance(v, (str, int, float)) else json.dumps(v, sort_keys=True)] for k, v in extra.items()]
-    return ["## Run details", ""] + _table(["key", "value"], table) + [""]
+    text = yaml.safe_dump(extra, sort_keys=False, default_flow_style=False, allow_unicode=True).rstrip()
+    return ["## Run details", "", "```yaml", text, "```", ""]
+
+
+def _figure_lines(figures: list[dict]) -> list[str]:
+    """Figures one after another; the two embedding maps side by side in a table."""
+    twin = next((f for f in figures if f["kind"] == "map_random"), None)
+    lines = ["## Figures", ""]
+    for f in figures:
+        if f["kind"] == "map_random" and any(g["kind"] == "map" for g in figures):
+            continue
+        if f["kind"] == "map" and twin is not None:
+            lines += _table(["trained", "random weights (before training)"],
+                            [[f"![{f['caption']}]({f['file']})", f"![{twin['caption']}]({twin['file']})"]])
+            lines += ["", f"*{f['caption']} Beside it: {twin['caption']}*", ""]
+            continue
+        lines += [f"![{f['caption']}]({f['file']})", "", f"*{f['caption']}*", ""]
+    return lines
 
 
 def render_markdown(report: dict) -> str:
@@ -467,8 +376,6 @@ def render_markdown(report: dict) -> str:
     lines += _per_class_section(report)
     lines += _cluster_section(report)
     if report.get("figures"):
-        lines += ["## Figures", ""]
-        for f in report["figures"]:
-            lines += [f"![{f['caption']}]({f['file']})", "", f"*{f['caption']}*", ""]
+        lines += _figure_lines(report["figures"])
     lines += _extra_section(report)
     return "\n".join(lines).rstrip() + "\n"

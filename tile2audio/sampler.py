@@ -37,6 +37,13 @@ Modes (``SamplerConfig.mode``)
     anchor's own clip starting at least ``distant_min_seconds`` (default twice the
     neighbourhood, and always more than the neighbourhood) from the anchor, when the clip
     is long enough; otherwise another clip as above.
+``sampler.positive: view`` (with ``tile2vec`` modes)
+    Anchor and positive are two independent uniform crops of the same clip (clips shorter
+    than two tiles are looped to two tiles, so the crops are time shifts through the
+    loop), each augmented on its own: the positive is never the anchor's identical audio.
+``sampler.exclude_group_opposites: false``
+    Every clip is its own group: opposites and in-batch negatives then only avoid the
+    anchor's clip, and other clips of its speaker or artist serve as hard negatives.
 ``supervised``
     Neighbour: a random tile of another clip with the anchor's label (the same clip when
     the label has one clip); opposite: a random tile of a clip with another label.
@@ -72,8 +79,9 @@ import pandas as pd
 import tensorflow as tf
 
 from .audio import loop_pad
-from .config import FeatureParams, SamplerConfig, TileConfig
+from .config import FeatureParams, SamplerConfig, TileConfig, TrainingConfig
 from .errors import Tile2AudioError
+from .rules import choose_training
 from .tiles import TileGeometry
 
 log = logging.getLogger(__name__)
@@ -167,9 +175,15 @@ class TripletSampler:
     def __init__(self, cache, tiles: TileConfig, sampler: SamplerConfig, batch_size: int, seed: int,
                  worker_index: int = 0, num_workers: int = 1, pool_dtype: str = "float16") -> None:
         _check_args(batch_size, seed, worker_index, num_workers, pool_dtype)
+        if tiles.is_auto or sampler.is_auto:
+            # Standalone use (the trainer resolves first and records the values chosen).
+            resolved, _ = choose_training(TrainingConfig(tiles=tiles, sampler=sampler), cache.index,
+                                          cache.frames_per_second)
+            tiles, sampler = resolved.tiles, resolved.sampler
         self.cache = cache
         self.tiles = tiles
         self.config = sampler
+        self.view = sampler.positive == "view"
         self.batch_size = int(batch_size)
         self.seed = int(seed)
         self.worker_index = int(worker_index)
@@ -180,7 +194,9 @@ class TripletSampler:
         self.distant_frames = self._distant_frames()
         index = _checked_index(cache.index)
         self._index = index
-        self._group_codes = _group_codes(index)
+        # Without exclusion every clip is its own group, for the opposites and the loss's negatives alike.
+        self._group_codes = (_group_codes(index) if sampler.exclude_group_opposites
+                             else np.arange(len(index), dtype=np.int32))
         self._label_codes = _label_codes(index)
         rows = self._eligible_rows(index)
         self.budget_nbytes = int(sampler.memory_gb * _GIB)
@@ -275,6 +291,12 @@ class TripletSampler:
             rows = rows[labelled]
             if len(np.unique(self._label_codes[rows])) < 2:
                 raise Tile2AudioError("sampler.mode 'supervised' needs at least two distinct labels")
+        if self.config.clip_fraction < 1.0:
+            # A seeded subset of the clips (for learning curves); the probes still see every clip.
+            keep = max(2, int(round(self.config.clip_fraction * len(rows))))
+            rows = np.sort(np.random.default_rng(self.seed).choice(rows, size=min(keep, len(rows)), replace=False))
+            log.info("sampler: training on %d of the cache's clips (sampler.clip_fraction %.2f)", len(rows),
+                     self.config.clip_fraction)
         return rows
 
     def _clip_nbytes(self, rows: np.ndarray) -> np.ndarray:
@@ -429,8 +451,12 @@ class TripletSampler:
                         ", ".join(record.shards), what, what)
 
     def _pad_short(self, frames: np.ndarray, offsets: np.ndarray, lengths: np.ndarray):
-        """Loop clips shorter than one tile up to one tile (the front end's padding rule)."""
-        t = self.geometry.tile_frames
+        """Loop clips shorter than one tile up to one tile (two with view positives: the front end's padding rule).
+
+        With view positives a clip is looped to two tiles, so that two crops of a clip
+        shorter than a tile are time shifts of it through the loop, not the same frames.
+        """
+        t = self.geometry.tile_frames * (2 if self.view else 1)
         if frames.ndim != 2 or frames.shape[1] != self.n_mels or len(offsets) != len(lengths):
             raise Tile2AudioError(
                 f"cache.frames_block returned frames {frames.shape} for {len(lengths)} clips; "
@@ -475,8 +501,12 @@ class TripletSampler:
         n_clips = tf.size(pool["offsets"])
         a = _randint(u[0], n_clips)
         span = tf.gather(pool["lengths"], a) - g.tile_frames
-        a_s = self._anchor_start(u[1], span)
-        n_s = self._neighbour_start(u[2], a_s, span)
+        if self.view:
+            # Two independent crops of the clip (each augmented on its own when augment is on).
+            a_s, n_s = _randint(u[1], span + 1), _randint(u[2], span + 1)
+        else:
+            a_s = self._anchor_start(u[1], span)
+            n_s = self._neighbour_start(u[2], a_s, span)
         o, found = _outside_block(u[3], tf.gather(pool["g_start"], a), tf.gather(pool["g_count"], a),
                                   n_clips, pool["g_order"])
         o = tf.where(found, o, _other_clip(u[3], a, n_clips))
@@ -809,7 +839,7 @@ def measure_sampler(cache, tiles: TileConfig, sampler: SamplerConfig, batch_size
     rate = count / (time.perf_counter() - started)
     ref_rate = None
     if reference_paths is not None:
-        geometry = TileGeometry.from_config(tiles, cache.params.frames_per_second)
+        geometry = ts.geometry  # the sampler resolved any auto tile setting
         gen = reference_triplets(reference_paths, cache.params, geometry, seed=0)
         n_ref, started = 0, time.perf_counter()
         while n_ref == 0 or time.perf_counter() - started < reference_seconds:

@@ -73,6 +73,9 @@ class TileGeometry:
         TileGeometry
             Rounded frame counts; tile and hop are at least one frame.
         """
+        if tiles.is_auto:
+            raise Tile2AudioError("tile settings are 'auto': resolve them with tile2audio.rules.choose_training "
+                                  "(training does) before cutting tiles")
         fps = float(frames_per_second)
         if fps <= 0:
             raise Tile2AudioError(f"frames_per_second must be > 0, got {frames_per_second}")

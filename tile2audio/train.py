@@ -15,19 +15,22 @@ as an uninterrupted one and sees the same batches.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import logging
 import os
 import shutil
+import sys
 import time
 import zipfile
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from . import atomic
-from .config import TrainingConfig, dump_yaml, read_yaml, training_from_dict
+from .config import TrainingConfig, dump_yaml, is_auto, read_yaml, to_dict, training_from_dict
 from .errors import Tile2AudioError
 
 log = logging.getLogger(__name__)
@@ -223,28 +226,56 @@ def _worker_info(strategy) -> tuple[int, int, bool]:
 # --------------------------------------------------------------------------- model
 
 
-def build_triplet_model(config: TrainingConfig, tile_shape: tuple[int, int, int], normalize: str):
+def resolve_precision(name: str = "auto") -> str:
+    """The Keras dtype policy that ``train.precision`` names on this machine.
+
+    ``auto``: ``mixed_float16`` when TensorFlow sees a GPU (untested: no GPU on the
+    development machines), ``mixed_bfloat16`` on a CPU whose flags include
+    ``avx512_bf16`` or ``amx_bf16`` (oneDNN then runs convolutions on the bf16 units),
+    else ``float32``. Any other value is returned as it is.
+    """
+    if name != "auto":
+        return name
+    import tensorflow as tf
+
+    if tf.config.list_physical_devices("GPU"):
+        return "mixed_float16"
+    try:
+        flags = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+    except OSError:  # not Linux: no cheap way to read the CPU's flags
+        return "float32"
+    return "mixed_bfloat16" if ("avx512_bf16" in flags or "amx_bf16" in flags) else "float32"
+
+
+def build_triplet_model(config: TrainingConfig, tile_shape: tuple[int, int, int], normalize: str,
+                        *, baseline: bool = False):
     """The Keras model that owns the triplet train step (used by training and the benchmark).
 
     Parameters
     ----------
     config : TrainingConfig
+        ``train.precision`` (``auto`` is resolved here) sets the encoder's dtype policy.
     tile_shape : (T, M, 1)
         Input tile shape.
     normalize : str
         The cache's ``features.normalize``; ``minmax`` gives the decoder a sigmoid output.
+    baseline : bool
+        Build the model the pre-speed-work way (float32, Keras's unfused batch norm),
+        whatever the config says: ``tile2audio bench train --baseline`` compares with it.
 
     Returns
     -------
     keras.Model
         ``.encoder`` maps (B, T, M, 1) to (B, D); ``train_step`` takes the sampler's dict
-        batches. Build it inside the strategy's scope.
+        batches; ``.export()`` gives the encoder with plain Keras layers, for saving.
+        Build it inside the strategy's scope. On one replica the encoder uses
+        :class:`~tile2audio.models.FusedBatchNorm`; on several, synchronised Keras batch norm.
     """
     import keras
     import tensorflow as tf
 
     from .losses import compute_losses
-    from .models import build_decoder, build_encoder
+    from .models import build_decoder, build_encoder, export_encoder
 
     loss_cfg = config.loss
     strategy = tf.distribute.get_strategy()
@@ -259,6 +290,10 @@ def build_triplet_model(config: TrainingConfig, tile_shape: tuple[int, int, int]
             self.encoder = encoder
             self.decoder = decoder
             self.trackers = {k: keras.metrics.Mean(name=k) for k in LOG_KEYS}
+
+        def export(self):
+            """The encoder as plain Keras layers in the run's precision (what is saved)."""
+            return export_encoder(self.encoder, config.model, precision)
 
         def call(self, x, training=False):
             return self.encoder(x, training=training)
@@ -290,6 +325,8 @@ def build_triplet_model(config: TrainingConfig, tile_shape: tuple[int, int, int]
                 out = compute_losses(loss_cfg, za, zn, zo, data, reconstructions=recon, tiles=(xa, xn, xo))
                 # Gradients are summed over replicas, so each replica contributes its share.
                 scaled = out["loss"] / tf.cast(replicas, out["loss"].dtype)
+                # Loss scaling under mixed_float16 (the optimizer unscales in apply); else identity.
+                scaled = self.optimizer.scale_loss(scaled)
             grads = tape.gradient(scaled, self.trainable_variables)
             self.optimizer.apply(grads, self.trainable_variables)
             for k, tracker in self.trackers.items():
@@ -301,7 +338,9 @@ def build_triplet_model(config: TrainingConfig, tile_shape: tuple[int, int, int]
             return results
 
     seed = config.train.seed
-    encoder = build_encoder(config.model, tile_shape, seed=seed)
+    precision = "float32" if baseline else resolve_precision(config.train.precision)
+    fused = strategy.num_replicas_in_sync == 1 and not baseline
+    encoder = build_encoder(config.model, tile_shape, seed=seed, precision=precision, fused_batch_norm=fused)
     decoder = None
     if config.model.decoder or config.loss.mse_weight > 0:
         activation = "sigmoid" if normalize == "minmax" else "linear"
@@ -347,7 +386,11 @@ def make_optimizer(config: TrainingConfig):
             initial_learning_rate=0.0, decay_steps=1, alpha=1.0,
             warmup_target=t.learning_rate, warmup_steps=t.warmup_steps,
         )
-    return keras.optimizers.Adam(learning_rate=lr)
+    optimizer = keras.optimizers.Adam(learning_rate=lr)
+    if resolve_precision(t.precision) == "mixed_float16":
+        # float16 gradients underflow without loss scaling (bfloat16 has float32's range).
+        return keras.optimizers.LossScaleOptimizer(optimizer)
+    return optimizer
 
 
 def save_keras_atomic(model: Any, path: Path) -> None:
@@ -497,6 +540,86 @@ def _make_probe_fn(cache, config: TrainingConfig, max_clips: int = 300):
 # --------------------------------------------------------------------------- entry point
 
 
+def _is_terminal() -> bool:
+    """True when stdout is an interactive terminal (not a pipe, a file or a CI log)."""
+    return bool(getattr(sys.stdout, "isatty", None) and sys.stdout.isatty())
+
+
+def _epoch_line_callback(epochs: int):
+    """A Keras callback printing one line per epoch to stdout: epoch, step, seconds, the logs."""
+    import keras
+
+    class EpochLine(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            self.started = time.time()
+
+        def on_epoch_end(self, epoch, logs=None):
+            logs = dict(logs or {})
+            step = int(logs.pop("step", 0))
+            values = " - ".join(f"{k} {float(v):.4g}" for k, v in logs.items())
+            print(f"epoch {epoch + 1}/{epochs} - step {step} - {time.time() - self.started:.1f} s - {values}",
+                  flush=True)
+
+    return EpochLine()
+
+
+def _flat(cfg: TrainingConfig) -> dict:
+    """``section.key -> value`` of a training config."""
+    return {f"{sec}.{k}": v for sec, d in to_dict(cfg).items() if isinstance(d, dict) for k, v in d.items()}
+
+
+def resume_config(run_dir: str | os.PathLike, config: TrainingConfig | None) -> TrainingConfig:
+    """The config to resume a run with: its saved one, with ``train.epochs`` possibly raised.
+
+    Only ``train.epochs`` may change on resume, and only upwards: with a larger value a
+    complete run continues from its last checkpoint to the new number of epochs (its
+    ``config.yaml`` is updated; a cosine learning-rate schedule is rebuilt for the new
+    length and continues from the step reached). The keys compared are those of
+    ``config`` that differ from the defaults (what ``--config`` / ``--set`` gave; a key
+    set to its default value cannot be told from one not given).
+
+    Parameters
+    ----------
+    run_dir : path of an existing run
+    config : TrainingConfig or None
+        The config given now.
+
+    Returns
+    -------
+    TrainingConfig
+
+    Raises
+    ------
+    Tile2AudioError
+        Naming every other key whose given value differs from the run's, or a
+        ``train.epochs`` smaller than the run's.
+    """
+    run_dir = Path(run_dir)
+    saved = load_run_config(run_dir)
+    if config is None or config == saved:
+        return saved
+    given, default, old = _flat(config), _flat(TrainingConfig()), _flat(saved)
+    changed = sorted(k for k, v in given.items() if v != default[k] and v != old[k])
+    others = [k for k in changed if k != "train.epochs"]
+    if others:
+        raise Tile2AudioError(
+            f"--resume: {run_dir} was trained with other settings for "
+            + ", ".join(f"{k} (run: {old[k]!r}, given: {given[k]!r})" for k in others)
+            + "; only train.epochs may change on resume (to train longer)"
+        )
+    if "train.epochs" not in changed:
+        return saved
+    epochs = config.train.epochs
+    if epochs < saved.train.epochs:
+        raise Tile2AudioError(f"--resume: train.epochs can only grow ({run_dir} has {saved.train.epochs}, "
+                              f"given {epochs})")
+    longer = dataclasses.replace(saved, train=dataclasses.replace(saved.train, epochs=epochs))
+    log.info("training %s longer: %d -> %d epochs", run_dir, saved.train.epochs, epochs)
+    atomic.write_text(run_dir / "config.yaml", dump_yaml(longer))
+    _update_run_json(run_dir, status="training")  # no longer complete until the new epochs are done
+    return longer
+
+
 def train(
     cache: str | os.PathLike,
     out: str | os.PathLike,
@@ -517,7 +640,9 @@ def train(
         Where runs go: a new run directory named by :func:`run_name` is made inside it.
         If ``out`` already is a run directory (or ``exact=True``), it is used as is.
     config : TrainingConfig, optional
-        Defaults to ``TrainingConfig()``. When resuming, the run's saved config is used.
+        Defaults to ``TrainingConfig()``. When resuming, the run's saved config is used,
+        except that a larger ``train.epochs`` trains a run longer (see
+        :func:`resume_config`).
     resume : bool
         Continue the newest checkpoint of the run (``out``, or the newest run in ``out``).
     exact : bool
@@ -525,7 +650,8 @@ def train(
     strategy : str, optional
         ``auto``, ``one``, ``mirrored`` or ``multiworker``; defaults to ``train.strategy``.
     progress : bool
-        Show Keras's progress bar.
+        Show Keras's progress bar when stdout is a terminal; otherwise (and without
+        progress) print one line per epoch (``epoch 3/10 - step 300 - 12.1 s - loss ...``).
 
     Returns
     -------
@@ -535,25 +661,34 @@ def train(
     import keras
 
     from .features import open_cache
+    from .rules import choose_training
     from .sampler import TripletSampler
 
-    config = config or TrainingConfig()
+    given = config = config or TrainingConfig()
     # MultiWorkerMirroredStrategy must exist before any other TensorFlow op runs.
     strat = make_strategy(strategy or config.train.strategy)
     worker, n_workers, chief = _worker_info(strat)
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise Tile2AudioError(f"{out}: -o names an existing file, not a runs folder or run directory")
+    auto: dict = {}
+    new_run = not resume or (exact and not is_run_dir(out))
+    if new_run and (config.tiles.is_auto or config.sampler.is_auto or is_auto(config.loss.symmetric)):
+        # The automatic rule reads the cache's clips first: the run's name uses the tile length.
+        first = open_cache(cache)
+        config, auto = choose_training(config, first.index, first.frames_per_second)
     run_dir, resuming = _resolve_run_dir(out, config, resume, exact, stamp="multiworker" if n_workers > 1 else None)
     if resuming:  # _resolve_run_dir only resumes existing run directories
-        saved = load_run_config(run_dir)
-        if saved != config and config != TrainingConfig():
-            log.warning("resuming %s with its saved config; the config given now is ignored", run_dir)
-        config = saved
+        # Compared as given: "auto" values equal the defaults, so they never count as a change.
+        config = resume_config(run_dir, given)
         cache = read_run(run_dir).get("cache", cache)
     fc = open_cache(cache)
     if config.sampler.mode == "supervised" and (fc.index["label"].astype(str) == "").all():
         raise Tile2AudioError("sampler.mode 'supervised' needs labels, and the cache has none")
+    if config.train.precision == "auto":
+        # The run directory records the value chosen, so a resume on another machine keeps it.
+        config = replace(config, train=replace(config.train, precision=resolve_precision("auto")))
+        log.info("train.precision auto -> %s", config.train.precision)
     t = config.train
     keras.utils.set_random_seed(t.seed)
     # Non-chief workers keep their own copy of the outputs, so nothing is written twice.
@@ -566,7 +701,8 @@ def train(
             own_dir / "run.json",
             {"cache": str(Path(fc.path).resolve()), "status": "started", "step": 0, "epoch": 0,
              "label_free": config.sampler.label_free, "mode": config.sampler.mode,
-             "encoder": config.model.encoder, "seed": t.seed, "workers": n_workers, "train_seconds": 0.0},
+             "encoder": config.model.encoder, "seed": t.seed, "workers": n_workers, "train_seconds": 0.0,
+             "auto": auto},
         )
     log.info("run directory: %s", own_dir)
 
@@ -584,11 +720,11 @@ def train(
     with strat.scope():
         model = build_triplet_model(config, tile_shape, fc.params.normalize)
         model(np.zeros((1,) + tile_shape, np.float32))
-        model.compile(optimizer=make_optimizer(config))
+        model.compile(optimizer=make_optimizer(config), jit_compile=t.jit_compile)
         model.optimizer.build(model.trainable_variables)
 
     if not (own_dir / "encoder_init.keras").is_file():
-        save_keras_atomic(model.encoder, own_dir / "encoder_init.keras")
+        save_keras_atomic(model.export(), own_dir / "encoder_init.keras")
 
     if chief:
         remove_stale_temporaries(run_dir)
@@ -621,7 +757,10 @@ def train(
     callbacks = _callbacks(run_dir, model, config, chief, probe_fn)
     started = time.time()
     epoch, offset = divmod(step, t.steps_per_epoch)
-    verbose = 1 if progress else 2
+    # Keras's bar is for terminals; in a CI log, `| tee` or nohup it is one line per epoch.
+    verbose = 1 if progress and _is_terminal() else 0
+    if not verbose:
+        callbacks = callbacks + [_epoch_line_callback(t.epochs)]
     if offset:
         # Finish the interrupted epoch first, then run whole epochs.
         model.fit(dataset_from(step), epochs=epoch + 1, initial_epoch=epoch,
@@ -643,7 +782,7 @@ def train(
             + "Lower train.learning_rate (or check the cache for bad values) and train again"
         )
 
-    save_keras_atomic(model.encoder, own_dir / "encoder.keras")
+    save_keras_atomic(model.export(), own_dir / "encoder.keras")
     previous = read_run(own_dir).get("train_seconds", 0.0)
     _update_run_json(own_dir, status="complete", step=int(model.optimizer.iterations.numpy()),
                      epoch=t.epochs, train_seconds=round(previous + elapsed, 2))
