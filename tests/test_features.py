@@ -86,12 +86,15 @@ def test_log_mel_shape_and_dtype(tone_fn):
 def test_build_cache_with_bad_files(messy, tmp_path):
     root, manifest = messy
     cache = build_cache(manifest, tmp_path / "cache", params=SMALL, jobs=1, chunk_clips=4, progress=False)
-    assert list(cache.index["clip_id"]) == ["sine", "chirp", "noisy", "stereo44", "six48", "short", "silent"]
+    # The cut MP3 keeps what decodes (features.truncated_policy='keep'), with a note.
+    assert list(cache.index["clip_id"]) == ["sine", "chirp", "noisy", "stereo44", "six48", "short", "silent",
+                                            "corrupt"]
+    assert cache.index["note"].iloc[-1].startswith("truncated")
     fails = cache.failures.set_index("clip_id")
     assert set(fails.index) == {"short", "silent", "nan", "corrupt", "empty", "text", "gone"}
     expected = {
         "short": ("shorter than min_seconds", "kept"), "silent": ("silent", "kept"),
-        "nan": ("3 NaN or inf", "skipped"), "corrupt": ("truncated or corrupt", "skipped"),
+        "nan": ("3 NaN or inf", "skipped"), "corrupt": ("truncated: the header declares", "kept"),
         "empty": ("zero-byte", "skipped"), "text": ("not an audio file", "skipped"),
         "gone": ("file not found", "skipped"),
     }
@@ -203,7 +206,7 @@ def test_manifest_csv_and_root_override(messy, tmp_path):
     csv = tmp_path / "manifest.csv"
     moved.to_csv(csv, index=False)
     cache = build_cache(csv, tmp_path / "cache", params=SMALL, root=root, jobs=1, progress=False)
-    assert len(cache.index) == 7
+    assert len(cache.index) == 8  # the 7 good or padded clips and the cut MP3 (kept, truncated)
     assert set(cache.index["root"]) == {str(root.absolute())}
     assert list(cache.index["fold"][:3]) == [0, 1, 0]
 
@@ -214,7 +217,7 @@ def test_rerun_fingerprint_and_overwrite(messy, tmp_path):
     build_cache(manifest, out, params=SMALL, jobs=1, progress=False)
     before = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
     again = build_cache(manifest, out, params=SMALL, jobs=1, progress=False)
-    assert len(again.index) == 7
+    assert len(again.index) == 8
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == before
     other = dataclasses.replace(SMALL, n_mels=16)
     with pytest.raises(Tile2AudioError, match="overwrite"):
@@ -340,7 +343,7 @@ def test_resume_after_partial_chunk(messy, tmp_path):
     cache = build_cache(manifest, out, params=SMALL, jobs=1, chunk_clips=3, progress=False)
     assert _tree_bytes(out) == reference
     assert not list(out.rglob("*.tmp"))
-    assert len(cache.index) == 7
+    assert len(cache.index) == 8  # the 7 good or padded clips and the cut MP3 (kept, truncated)
 
 
 def test_log_mel_equals_librosa_reference(tone_fn):

@@ -16,8 +16,39 @@ from typing import IO, Any, Iterator
 
 import numpy as np
 
+from .errors import Tile2AudioError
+
 _UMASK = os.umask(0)
 os.umask(_UMASK)
+
+
+def ensure_dir(path: str | os.PathLike, what: str = "output folder") -> Path:
+    """Create ``path`` (and parents) if needed and check that it is a writable folder.
+
+    Called where an output path enters a stage, so that an ``-o`` naming a file, a
+    read-only folder or a missing permission is one clear line before any work starts.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+    what : str
+        How the message names the folder (``"feature cache folder"``, ...).
+
+    Returns
+    -------
+    Path
+        The absolute folder path.
+    """
+    p = Path(path).absolute()
+    if p.exists() and not p.is_dir():
+        raise Tile2AudioError(f"{p}: the {what} is an existing file, not a folder; choose another path")
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise Tile2AudioError(f"{p}: cannot create the {what}: {exc.strerror or exc}") from exc
+    if not os.access(p, os.W_OK | os.X_OK):
+        raise Tile2AudioError(f"{p}: the {what} is not writable (permission denied)")
+    return p
 
 
 @contextmanager

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import struct
 import warnings
 from pathlib import Path
 
@@ -26,9 +27,16 @@ RESAMPLE_QUALITY = "soxr_hq"
 # at least ``_TRUNCATION_MIN_FRAMES``) is a truncated file, not a rounding difference.
 _TRUNCATION_TOLERANCE = 0.01
 _TRUNCATION_MIN_FRAMES = 4096
+# Frames per read when salvaging the start of a stream that breaks off part-way.
+_READ_BLOCK = 4096
 
 
-def load_audio(path: str | os.PathLike, sample_rate: int, channel: int | None = None) -> np.ndarray:
+class TruncatedAudioWarning(UserWarning):
+    """Issued by :func:`load_audio` (``truncated="keep"``) for a file shorter than its header says."""
+
+
+def load_audio(path: str | os.PathLike, sample_rate: int, channel: int | None = None,
+               *, truncated: str = "error") -> np.ndarray:
     """Decode an audio file to mono float32 at ``sample_rate``.
 
     WAV, FLAC, OGG and MP3 are decoded with soundfile (libsndfile); librosa/audioread is
@@ -43,6 +51,13 @@ def load_audio(path: str | os.PathLike, sample_rate: int, channel: int | None = 
         Target sample rate in Hz.
     channel : int or None
         Keep only this channel (0-based) instead of averaging all of them.
+    truncated : ``error`` or ``keep``
+        What to do with a file whose header promises more audio than the file holds (a
+        cut-off download or copy): raise, or return the part that decodes and issue a
+        :class:`TruncatedAudioWarning` whose message gives both durations. For WAV the
+        header's data-chunk size is compared with the bytes in the file (libsndfile only
+        reports the frames it can read); for other formats the header's frame count is
+        compared with the frames that decode.
 
     Returns
     -------
@@ -56,9 +71,11 @@ def load_audio(path: str | os.PathLike, sample_rate: int, channel: int | None = 
         file, not an audio file or corrupt (including a truncated stream), channel out of
         range, NaN or inf samples (with their count), or no samples.
     """
+    if truncated not in ("error", "keep"):
+        raise Tile2AudioError(f"load_audio: truncated must be 'error' or 'keep', got {truncated!r}")
     path = Path(path)
     _check_file(path)
-    data, native_sr = _decode(path)
+    data, native_sr = _decode(path, truncated)
     if data.shape[0] == 0:
         raise Tile2AudioError(f"{path}: the file holds no audio samples")
     bad = int(data.size - np.count_nonzero(np.isfinite(data)))
@@ -147,31 +164,91 @@ def _check_file(path: Path) -> None:
         raise Tile2AudioError(f"{path}: not a regular file")
     if path.stat().st_size == 0:
         raise Tile2AudioError(f"{path}: zero-byte file")
+    try:
+        # soundfile reports an unreadable file as "not an audio file"; say the real cause.
+        with open(path, "rb"):
+            pass
+    except OSError as exc:
+        raise Tile2AudioError(f"{path}: cannot read the file: {exc.strerror or exc}") from exc
 
 
-def _decode(path: Path) -> tuple[np.ndarray, int]:
+def _decode(path: Path, truncated: str = "error") -> tuple[np.ndarray, int]:
     """Decode with soundfile, else librosa/audioread; (frames, channels) float32 and rate."""
     try:
         with sf.SoundFile(str(path)) as fh:
-            declared = fh.frames
+            declared, sr, fmt = fh.frames, fh.samplerate, fh.format
             data = fh.read(dtype="float32", always_2d=True)
-            sr = fh.samplerate
     except (sf.LibsndfileError, RuntimeError, ValueError) as exc:
-        return _decode_fallback(path, exc)
-    _check_truncation(path, declared, data.shape[0], sr)
+        # A stream that breaks off part-way (a cut FLAC) fails the whole read; see what decodes.
+        data = _decode_partial(path)
+        if data is None:
+            return _decode_fallback(path, exc)
+    if fmt in ("WAV", "WAVEX"):
+        declared = _wav_declared_frames(path, declared)
+    _check_truncation(path, declared, data.shape[0], sr, truncated)
     return data, sr
 
 
-def _check_truncation(path: Path, declared: int, got: int, sr: int) -> None:
-    """Raise when fewer frames decode than the header promises (a cut-off download)."""
+def _decode_partial(path: Path) -> np.ndarray | None:
+    """The frames that decode before a stream error, block by block; None if none do.
+
+    Only used after a whole-file read failed: libsndfile's MP3 decoder gives wrong
+    samples for small block reads, so a healthy file is always read in one call.
+    """
+    blocks = []
+    try:
+        with sf.SoundFile(str(path)) as fh:
+            while True:
+                block = fh.read(_READ_BLOCK, dtype="float32", always_2d=True)
+                if block.shape[0] == 0:
+                    break
+                blocks.append(block)
+    except (sf.LibsndfileError, RuntimeError, ValueError) as exc:
+        log.debug("%s: decoding stopped after %d frames: %s", path, sum(map(len, blocks)), exc)
+    return np.concatenate(blocks) if blocks else None
+
+
+def _wav_declared_frames(path: Path, readable: int) -> int:
+    """Frames the RIFF ``data`` chunk declares (``readable`` when the header cannot tell)."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(12)
+            if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
+                return readable  # RF64 / RIFX: libsndfile's count is all we have
+            block_align = 0
+            while True:
+                chunk = fh.read(8)
+                if len(chunk) < 8:
+                    return readable
+                cid, size = chunk[:4], struct.unpack("<I", chunk[4:])[0]
+                if cid == b"fmt ":
+                    fmt = fh.read(min(size, 16))
+                    if len(fmt) >= 14:
+                        block_align = struct.unpack("<H", fmt[12:14])[0]
+                    fh.seek(size - len(fmt) + (size & 1), os.SEEK_CUR)
+                elif cid == b"data":
+                    # 0 and 0xFFFFFFFF mark a stream written without its final size.
+                    if block_align <= 0 or size in (0, 0xFFFFFFFF):
+                        return readable
+                    return max(readable, size // block_align)
+                else:
+                    fh.seek(size + (size & 1), os.SEEK_CUR)
+    except OSError:
+        return readable
+
+
+def _check_truncation(path: Path, declared: int, got: int, sr: int, truncated: str = "error") -> None:
+    """Raise (or warn, ``truncated='keep'``) when fewer frames decode than the header promises."""
     if declared <= 0 or declared >= 2**62:  # unknown length (streams)
         return
     missing = declared - got
     if missing > max(_TRUNCATION_MIN_FRAMES, _TRUNCATION_TOLERANCE * declared):
-        raise Tile2AudioError(
-            f"{path}: truncated or corrupt audio: the header declares {declared / sr:.2f} s "
-            f"but only {got / sr:.2f} s could be decoded"
-        )
+        what = (f"the header declares {declared / sr:.2f} s but only {got / sr:.2f} s could be decoded")
+        if truncated == "keep" and got > 0:
+            warnings.warn(TruncatedAudioWarning(f"{path}: truncated: {what}; kept the decoded part"),
+                          stacklevel=3)
+            return
+        raise Tile2AudioError(f"{path}: truncated or corrupt audio: {what}")
 
 
 def _decode_fallback(path: Path, first_error: Exception) -> tuple[np.ndarray, int]:

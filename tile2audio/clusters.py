@@ -340,7 +340,7 @@ def cluster_embeddings(emb, config: ClusterConfig = ClusterConfig(), out_dir: st
         :func:`cluster_sweep`'s result plus ``name``, ``kind``, ``level``, ``pooling``
         and ``figure`` (the PNG's file name).
     """
-    out_dir = Path(out_dir)
+    out_dir = atomic.ensure_dir(out_dir, "cluster output folder")
     result = cluster_sweep(*cluster_features(emb, config), config)
     result = {"name": emb.name, "kind": emb.kind, "level": config.level,
               "pooling": config.pooling if config.level == "clip" else None, **result}

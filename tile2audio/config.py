@@ -23,6 +23,7 @@ overrides are parsed with YAML rules (``--set model.widths=[16,32]`` gives a tup
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 import types
@@ -50,9 +51,24 @@ def _check_choice(name: str, value: Any, choices: Sequence[Any]) -> None:
 
 
 def _check_positive(name: str, value: float, allow_zero: bool = False) -> None:
-    """Raise if ``value`` is not > 0 (or >= 0)."""
+    """Raise if ``value`` is not finite and > 0 (or >= 0)."""
+    _check_finite(name, value)
     if value < 0 or (value == 0 and not allow_zero):
         raise Tile2AudioError(f"{name} must be {'>= 0' if allow_zero else '> 0'}, got {value!r}")
+
+
+def _check_finite(name: str, value: Any) -> None:
+    """Raise if a number is NaN or infinite (every comparison with NaN is false)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise Tile2AudioError(f"{name} must be a finite number, got {value!r}")
+
+
+def _check_all_finite(cfg: Any, section: str) -> None:
+    """Raise for a NaN or infinite value in any float (or tuple of floats) field of ``cfg``."""
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        for v in value if isinstance(value, tuple) else (value,):
+            _check_finite(f"{section}.{f.name}", v)
 
 
 @dataclass(frozen=True)
@@ -66,6 +82,15 @@ class FeatureParams:
     ``min_seconds`` when ``short_policy='pad'``, the same rule the segmenter uses for
     clips shorter than one tile: looping keeps the clip's spectral statistics, where
     zero padding would teach the encoder that silence is part of the sound.
+
+    A truncated file (its header promises more audio than the file holds, see
+    :func:`tile2audio.audio.load_audio`) is listed in failures.csv with the reason
+    ``truncated``; ``truncated_policy='keep'`` (the default) caches the part that decodes,
+    ``'skip'`` leaves the clip out.
+
+    The parameters are checked when the object is made: ``0 <= fmin < fmax <= sr / 2``,
+    ``win_length <= n_fft``, ``top_db > 0``, every number finite; the feature cache also
+    refuses a mel filter bank with empty bands (``n_fft`` too small for ``n_mels``).
     """
 
     sample_rate: int = 22050
@@ -84,8 +109,10 @@ class FeatureParams:
     max_seconds: float | None = None
     short_policy: str = "pad"
     silent_policy: str = "keep"
+    truncated_policy: str = "keep"
 
     def __post_init__(self) -> None:
+        _check_all_finite(self, "features")
         _check_positive("features.sample_rate", self.sample_rate)
         _check_positive("features.n_fft", self.n_fft)
         _check_positive("features.hop_length", self.hop_length)
@@ -96,11 +123,31 @@ class FeatureParams:
         _check_choice("features.normalize", self.normalize, ("none", "minmax", "standardize"))
         _check_choice("features.short_policy", self.short_policy, ("pad", "skip"))
         _check_choice("features.silent_policy", self.silent_policy, ("keep", "skip"))
-        if self.fmax is not None and self.fmax > self.sample_rate / 2:
+        _check_choice("features.truncated_policy", self.truncated_policy, ("keep", "skip"))
+        _check_positive("features.fmin", self.fmin, allow_zero=True)
+        _check_positive("features.log_eps", self.log_eps)
+        _check_positive("features.min_seconds", self.min_seconds, allow_zero=True)
+        nyquist = self.sample_rate / 2
+        if self.fmax is not None and self.fmax > nyquist:
             raise Tile2AudioError(
                 f"features.fmax ({self.fmax}) is above the Nyquist frequency "
-                f"({self.sample_rate / 2}) of features.sample_rate"
+                f"({nyquist}) of features.sample_rate"
             )
+        top = nyquist if self.fmax is None else self.fmax
+        if self.fmin >= top:
+            raise Tile2AudioError(
+                f"features.fmin ({self.fmin}) must be below "
+                + (f"features.fmax ({self.fmax})" if self.fmax is not None
+                   else f"the Nyquist frequency ({nyquist}) of features.sample_rate")
+            )
+        if self.win_length is not None:
+            _check_positive("features.win_length", self.win_length)
+            if self.win_length > self.n_fft:
+                raise Tile2AudioError(
+                    f"features.win_length ({self.win_length}) must not exceed features.n_fft ({self.n_fft})"
+                )
+        if self.top_db is not None:
+            _check_positive("features.top_db", self.top_db)
 
     @property
     def frames_per_second(self) -> float:
@@ -135,6 +182,7 @@ class TileConfig:
     min_gap_seconds: float | str = AUTO
 
     def __post_init__(self) -> None:
+        _check_all_finite(self, "tiles")
         for name in ("tile_seconds", "tile_hop_seconds", "neighbourhood_seconds", "min_gap_seconds"):
             value = getattr(self, name)
             if isinstance(value, str):
@@ -189,6 +237,7 @@ class SamplerConfig:
     mix_gain_db: float = -12.0
 
     def __post_init__(self) -> None:
+        _check_all_finite(self, "sampler")
         _check_choice("sampler.mode", self.mode, ("tile2vec", "tile2vec-distant", "supervised"))
         _check_choice("sampler.positive", self.positive, (AUTO,) + POSITIVES)
         for name in ("augment", "exclude_group_opposites"):
@@ -240,6 +289,7 @@ class ModelConfig:
     decoder: bool = False
 
     def __post_init__(self) -> None:
+        _check_all_finite(self, "model")
         _check_choice("model.encoder", self.encoder, ("cnn", "crnn", "resnet18"))
         _check_choice("model.global_pool", self.global_pool, ("avg", "max", "avgmax", "time", "frames"))
         _check_positive("model.embedding_dim", self.embedding_dim)
@@ -276,6 +326,7 @@ class LossConfig:
     mse_weight: float = 0.0
 
     def __post_init__(self) -> None:
+        _check_all_finite(self, "loss")
         _check_choice("loss.kind", self.kind, ("triplet", "npair"))
         _check_positive("loss.temperature", self.temperature)
         _check_choice("loss.distance", self.distance, ("squared", "euclidean"))
@@ -318,6 +369,13 @@ class TrainConfig:
         _check_positive("train.steps_per_epoch", self.steps_per_epoch)
         _check_positive("train.batch_size", self.batch_size)
         _check_positive("train.learning_rate", self.learning_rate)
+        _check_all_finite(self, "train")
+        # TensorFlow and numpy seeds must be non-negative; a negative one fails deep in Keras.
+        _check_positive("train.seed", self.seed, allow_zero=True)
+        _check_positive("train.warmup_steps", self.warmup_steps, allow_zero=True)
+        _check_positive("train.checkpoint_every_steps", self.checkpoint_every_steps, allow_zero=True)
+        _check_positive("train.probe_every_epochs", self.probe_every_epochs, allow_zero=True)
+        _check_positive("train.collapse_threshold", self.collapse_threshold, allow_zero=True)
         _check_choice("train.lr_schedule", self.lr_schedule, ("constant", "cosine"))
         _check_choice("train.strategy", self.strategy, ("auto", "one", "mirrored", "multiworker"))
         _check_choice("train.precision", self.precision, PRECISIONS)
@@ -368,6 +426,9 @@ class EmbedConfig:
 
     batch_size: int = 128
 
+    def __post_init__(self) -> None:
+        _check_positive("embed.batch_size", self.batch_size)
+
 
 @dataclass(frozen=True)
 class ProbeConfig:
@@ -398,6 +459,8 @@ class ProbeConfig:
     baselines: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
+        _check_all_finite(self, "probe")
+        _check_positive("probe.seed", self.seed, allow_zero=True)
         _check_choice("probe.protocol", self.protocol, ("auto", "split", "fold", "kfold"))
         for kind in self.baselines or ():
             _check_choice("probe.baselines[]", kind, ("mfcc", "egemaps", "compare"))
@@ -420,6 +483,7 @@ class ClusterConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        _check_positive("cluster.seed", self.seed, allow_zero=True)
         if not 2 <= self.k_min <= self.k_max:
             raise Tile2AudioError(f"cluster k range must satisfy 2 <= k_min <= k_max, got {self.k_min}:{self.k_max}")
         _check_choice("cluster.level", self.level, ("clip", "tile"))
@@ -472,10 +536,17 @@ def _expand_env(value: Any) -> Any:
     return value
 
 
+# A plain decimal number with an optional exponent; not "nan", "inf" or "1_000".
+_FLOAT_TEXT = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
+
+
 def _coerce(value: Any, hint: Any, where: str) -> Any:
     """Convert a YAML value to the field's type, or raise naming the key."""
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)
+    if isinstance(value, float) and not math.isfinite(value):
+        # before the union branch: ``float | str`` must not turn .inf into "must be a string"
+        raise Tile2AudioError(f"{where} must be a finite number, got {value!r}")
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
@@ -510,8 +581,12 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
             raise Tile2AudioError(f"{where} must be an integer, got {value!r}")
         return value
     if hint is float:
+        if isinstance(value, str) and _FLOAT_TEXT.fullmatch(value.strip()):
+            value = float(value)  # YAML 1.1 reads 1e-9 (no dot) as text
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise Tile2AudioError(f"{where} must be a number, got {value!r}")
+        if not math.isfinite(value):
+            raise Tile2AudioError(f"{where} must be a finite number, got {value!r}")
         return float(value)
     if hint is str:
         if not isinstance(value, str):

@@ -6,10 +6,15 @@ Output directory (see docs/architecture.md)::
       embed.json            run_dir, weights (trained | init), kind, dim, features, tiles
       clips.csv             clip_id, file, n_tiles, label, split, fold, group, path
       clip_embeddings.npz   mean (n_clips, D), meanstd (n_clips, 2D), max (n_clips, D)
+      embed_fingerprint.json  run, weights and encoder hash the tile files were made with
       tiles/<file>.npz      embeddings (n_tiles, D), timestamps (n_tiles, 2)
 
 Per-clip files are written as soon as a clip is embedded (atomically), so an
 interrupted run restarted with ``skip_existing=True`` only embeds what is missing.
+``embed_fingerprint.json`` names the run, the weights and a hash of the encoder file
+the tile files were made with: ``skip_existing`` keeps tile files only when it matches,
+and refuses a folder made with another encoder (a run without ``skip_existing`` first
+removes tile files of another encoder, so the folder never mixes two).
 """
 
 from __future__ import annotations
@@ -241,6 +246,56 @@ def load_embeddings(path: str | Path) -> EmbeddingSet:
 # --------------------------------------------------------------------------- computing
 
 
+def _encoder_fingerprint(run_dir: Path, weights: str) -> dict:
+    """What identifies the encoder that makes a folder's tile files: run, weights, file hash."""
+    name = "encoder_init.keras" if weights == "init" else "encoder.keras"
+    h = hashlib.sha256()
+    with open(run_dir / name, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return {"run_dir": str(run_dir.resolve()), "weights": weights, "encoder_sha256": h.hexdigest()}
+
+
+def _claim_tiles(out: Path, fingerprint: dict, skip_existing: bool) -> None:
+    """Check (``skip_existing``) or write ``embed_fingerprint.json`` so tile files never mix encoders."""
+    tiles = out / "tiles"
+    marker = out / "embed_fingerprint.json"
+    old = None
+    if marker.is_file():
+        try:
+            old = json.loads(marker.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError):
+            old = {}
+    existing = list(tiles.glob("*.npz")) if tiles.is_dir() else []
+    if old == fingerprint:
+        return
+    if skip_existing and existing:
+        if old is None:
+            raise Tile2AudioError(
+                f"{out}: --skip-existing cannot tell which encoder made the {len(existing)} tile file(s) "
+                "there (no embed_fingerprint.json); embed without --skip-existing or into another folder"
+            )
+        raise Tile2AudioError(
+            f"{out}: --skip-existing would mix encoders: its tile files were made with run "
+            f"{old.get('run_dir')} weights {old.get('weights')!r}, this is run {fingerprint['run_dir']} "
+            f"weights {fingerprint['weights']!r}; embed without --skip-existing or into another folder"
+        )
+    for f in existing:  # another encoder's tiles: this run replaces them all
+        f.unlink()
+    atomic.write_json(marker, fingerprint)
+
+
+def _check_finite_weights(encoder, run_dir: Path, weights: str) -> None:
+    """Raise when any encoder weight is NaN or infinite (a diverged run): its embeddings are NaN."""
+    bad = [w.path if hasattr(w, "path") else w.name for w in encoder.weights
+           if not np.all(np.isfinite(np.asarray(w.numpy())))]
+    if bad:
+        raise Tile2AudioError(
+            f"{run_dir}: the {weights} encoder has non-finite (NaN or inf) weights in {len(bad)} "
+            f"variable(s), e.g. {bad[0]}; the run diverged: retrain it with a lower train.learning_rate"
+        )
+
+
 def embed_frames(encoder, frames: np.ndarray, geometry, batch_size: int = 128) -> tuple[np.ndarray, np.ndarray]:
     """Embed one clip's normalised log-mel frames tile by tile.
 
@@ -413,6 +468,7 @@ def embed(
     config = load_run_config(run_dir)
     feat, params, stats, geometry = run_inputs(run_dir, config)
     encoder = load_encoder(run_dir, weights)
+    _check_finite_weights(encoder, run_dir, weights)
     kind = "random" if weights == "init" else ("trained" if info.get("label_free", True) else "supervised")
     meta = {
         "name": name or (run_dir.name + (" (random)" if weights == "init" else "")),
@@ -434,6 +490,9 @@ def embed(
     clips = clips.reset_index(drop=True)
     clips["file"] = [safe_file_name(c) for c in clips["clip_id"]]
     out = Path(out_dir) if out_dir is not None else None
+    if out is not None:
+        atomic.ensure_dir(out, "embedding folder")
+        _claim_tiles(out, _encoder_fingerprint(run_dir, weights), skip_existing)
     tile_arrays: dict = {}
     keep = []
     for i, row in tqdm(list(clips.iterrows()), desc="embed", unit="clip", disable=not progress):

@@ -16,6 +16,8 @@ again redoes only unfinished chunks and ends byte-identical to an uninterrupted 
 from __future__ import annotations
 
 import dataclasses
+import errno
+import fcntl
 import functools
 import hashlib
 import json
@@ -23,9 +25,10 @@ import logging
 import os
 import warnings
 from collections import OrderedDict
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import librosa
 import numpy as np
@@ -35,7 +38,7 @@ from threadpoolctl import ThreadpoolController
 from tqdm.auto import tqdm
 
 from . import atomic
-from .audio import is_silent, load_audio, loop_pad
+from .audio import TruncatedAudioWarning, is_silent, load_audio, loop_pad
 from .config import FeatureParams, to_dict
 from .datasets.schema import _is_missing
 from .errors import Tile2AudioError
@@ -53,6 +56,7 @@ _TEXT_COLUMNS = ("clip_id", "path", "root", "label", "split", "group")
 _STD_FLOOR = 1e-3
 _SILENCE_DB = -80.0
 _MAX_OPEN_SHARDS = 64
+_LOCK_NAME = ".lock"
 
 
 # --------------------------------------------------------------------------- features
@@ -96,8 +100,28 @@ def log_mel(y: np.ndarray, params: FeatureParams) -> np.ndarray:
 
 @functools.lru_cache(maxsize=8)
 def _mel_basis(sr: int, n_fft: int, n_mels: int, fmin: float, fmax: float | None) -> np.ndarray:
-    """librosa's Slaney mel filter bank, float32 (n_mels, 1 + n_fft // 2), computed once."""
-    return librosa.filters.mel(sr=sr, n_fft=n_fft, n_mels=n_mels, fmin=fmin, fmax=fmax).astype(np.float32)
+    """librosa's Slaney mel filter bank, float32 (n_mels, 1 + n_fft // 2), computed once; raise for empty bands."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # librosa's "Empty filters detected": we raise instead
+        basis = librosa.filters.mel(sr=sr, n_fft=n_fft, n_mels=n_mels, fmin=fmin, fmax=fmax).astype(np.float32)
+    empty = int(np.count_nonzero(basis.max(axis=1) <= 0))
+    if empty:
+        # An empty band is a constant (-100 dB) feature in every frame of every clip.
+        raise Tile2AudioError(
+            f"features: {empty} of the {n_mels} mel bands are empty with n_fft={n_fft} at "
+            f"sample_rate={sr} between fmin={fmin:g} and fmax={fmax if fmax is not None else sr / 2:g} Hz; "
+            "raise features.n_fft, lower features.n_mels or widen fmin..fmax"
+        )
+    return basis
+
+
+def check_params(params: FeatureParams) -> None:
+    """Raise Tile2AudioError when ``params`` give a mel filter bank with empty bands.
+
+    The other checks (frequency range, window, top_db) run when FeatureParams is made;
+    this one needs librosa, so the feature stages call it once before the first clip.
+    """
+    _mel_basis(params.sample_rate, params.n_fft, params.n_mels, params.fmin, params.fmax)
 
 
 @functools.lru_cache(maxsize=1)
@@ -160,12 +184,24 @@ class _ClipResult:
 
 def _analyse_clip(path: Path, params: FeatureParams) -> _ClipResult:
     """Load, check and featurise one clip; raise Tile2AudioError when it is unusable."""
-    y = load_audio(path, params.sample_rate, params.channel)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", TruncatedAudioWarning)
+        y = load_audio(path, params.sample_rate, params.channel, truncated="keep")
     if params.max_seconds is not None:
         y = y[: max(1, int(round(params.max_seconds * params.sample_rate)))]
     duration = y.shape[0] / params.sample_rate
     notes: list[str] = []
     issues: list[str] = []
+    for w in caught:
+        if not issubclass(w.category, TruncatedAudioWarning):
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+            continue
+        # "truncated: the header declares ..." (the reason column starts with `truncated`)
+        issue = _strip_path(str(w.message), str(path)).replace("; kept the decoded part", "")
+        if params.truncated_policy == "skip":
+            return _ClipResult(None, duration, "", issue, "skipped")
+        issues.append(issue + ", kept the decoded part")
+        notes.append("truncated")
     if is_silent(y, _SILENCE_DB):
         issues.append(f"silent (peak below {_SILENCE_DB:.0f} dBFS)")
         if params.silent_policy == "skip":
@@ -315,11 +351,21 @@ def _run_chunk(task: _ChunkTask, on_clip: Callable[[], None] | None = None) -> d
             kept.append((row, clip_id, result))
         if on_clip is not None:
             on_clip()
-    rows, band_sum, band_sumsq, count = _write_shards(kept, task, out_dir, params.n_mels)
-    record = {"chunk": task.index, "rows": rows, "failures": failures,
-              "sum": band_sum, "sumsq": band_sumsq, "count": count}
-    atomic.write_json(_chunk_record_path(out_dir, task.index), record)
+    try:
+        rows, band_sum, band_sumsq, count = _write_shards(kept, task, out_dir, params.n_mels)
+        record = {"chunk": task.index, "rows": rows, "failures": failures,
+                  "sum": band_sum, "sumsq": band_sumsq, "count": count}
+        atomic.write_json(_chunk_record_path(out_dir, task.index), record)
+    except OSError as exc:  # a full disk or a lost mount: finished chunks stay, rerun to resume
+        raise _write_error(out_dir, exc) from exc
     return record
+
+
+def _write_error(out_dir: Path, exc: OSError) -> Tile2AudioError:
+    """A one-line error for a failed cache write (the file and the OS reason)."""
+    where = exc.filename or out_dir
+    return Tile2AudioError(f"{where}: cannot write the feature cache: {exc.strerror or exc}; "
+                           "finished chunks are kept, free space and run again to resume")
 
 
 def _strip_path(message: str, file: str) -> str:
@@ -448,10 +494,45 @@ def build_cache(
     if jobs < 1 or chunk_clips < 1 or max_shard_mb <= 0:
         raise Tile2AudioError("build_cache: jobs and chunk_clips must be >= 1 and max_shard_mb > 0")
     df = _load_manifest(manifest, root)
-    out_dir = Path(out_dir).absolute()
+    check_params(params)
+    out_dir = atomic.ensure_dir(out_dir, "feature cache folder")
     fingerprint = _fingerprint(df, params, chunk_clips, max_shard_mb)
-    if _prepare_dir(out_dir, fingerprint, overwrite):
-        return open_cache(out_dir)
+    with _cache_lock(out_dir):
+        return _build_locked(df, out_dir, params, fingerprint, jobs, chunk_clips, max_shard_mb, progress,
+                             overwrite)
+
+
+@contextmanager
+def _cache_lock(out_dir: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``out_dir/.lock`` (a second builder fails at once)."""
+    path = out_dir / _LOCK_NAME
+    try:
+        fh = open(path, "a+b")
+    except OSError as exc:
+        raise Tile2AudioError(f"{path}: cannot create the cache lock file: {exc.strerror or exc}") from exc
+    try:
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                raise Tile2AudioError(f"{path}: cannot lock the cache: {exc.strerror or exc}") from exc
+            raise Tile2AudioError(
+                f"{out_dir}: another process is writing this cache (it holds {path}); "
+                "wait for it to finish or use another output folder"
+            ) from None
+        yield  # the lock goes with the file descriptor, also when the process is killed
+    finally:
+        fh.close()
+
+
+def _build_locked(df: pd.DataFrame, out_dir: Path, params: FeatureParams, fingerprint: str, jobs: int,
+                  chunk_clips: int, max_shard_mb: float, progress: bool, overwrite: bool) -> "FeatureCache":
+    """The body of :func:`build_cache`, run while holding the cache lock."""
+    try:
+        if _prepare_dir(out_dir, fingerprint, overwrite):
+            return open_cache(out_dir)
+    except OSError as exc:
+        raise _write_error(out_dir, exc) from exc
     tasks = _make_tasks(df, out_dir, params, chunk_clips, int(max_shard_mb * 2**20))
     todo = [t for t in tasks if _read_record(out_dir, t.index) is None]
     done_clips = sum(len(t.rows) for t in tasks) - sum(len(t.rows) for t in todo)
@@ -463,7 +544,10 @@ def build_cache(
     records = [_read_record(out_dir, t.index) for t in tasks]
     if any(r is None for r in records):  # pragma: no cover - every chunk just wrote its record
         raise Tile2AudioError(f"{out_dir}: some chunk records are missing after the build; run again")
-    _merge(records, df, out_dir, params, fingerprint)
+    try:
+        _merge(records, df, out_dir, params, fingerprint)
+    except OSError as exc:
+        raise _write_error(out_dir, exc) from exc
     return open_cache(out_dir)
 
 

@@ -213,7 +213,7 @@ def run_experiment(cfg: ExperimentConfig, out: str | os.PathLike, *, dry_run: bo
         for stage, ok in steps:
             print(f"{stage:9s} {'up to date, skipped' if ok else 'would run'}")
         return steps
-    out.mkdir(parents=True, exist_ok=True)
+    atomic.ensure_dir(out, "output folder")
     atomic.write_text(out / "config.yaml", dump_yaml(cfg))
     stages, fps, todo = _Stages(out), _fingerprints(cfg), {s for s, ok in steps if not ok}
     timings: dict[str, float] = {}

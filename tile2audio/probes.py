@@ -583,6 +583,7 @@ def probe_directories(paths: Sequence, out_dir, config: ProbeConfig = ProbeConfi
     from . import atomic
     from .embed import load_embeddings
 
+    atomic.ensure_dir(out_dir, "probe output folder")  # before the work, not after it
     result = run_probes([load_embeddings(p) for p in paths], config, progress=progress)
     atomic.write_json(Path(out_dir) / "probe.json", result)
     return result

@@ -205,7 +205,7 @@ def make_report(
     if not entries:
         raise Tile2AudioError("make_report needs at least one embedding set")
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic.ensure_dir(out_dir, "report folder")
     if probe_result is None:
         probe_result = _probe_or_skip(entries, probe_config, progress)
     best = _entry_by_name(entries, best_entry_name(probe_result["rows"]))

@@ -22,6 +22,7 @@ import os
 import shutil
 import sys
 import time
+import zipfile
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -115,16 +116,52 @@ def save_checkpoint(run_dir: Path, model: Any, optimizer: Any, step: int, keep: 
         return final
     tmp = root / f".tmp_step_{step:09d}_{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    model.save_weights(str(tmp / "model.weights.h5"))
-    opt_vars = {f"v{i:05d}": np.asarray(v.numpy()) for i, v in enumerate(optimizer.variables)}
-    atomic.save_npz(tmp / "optimizer.npz", **opt_vars)
-    atomic.write_json(tmp / "state.json", {"step": int(step), "n_optimizer_vars": len(opt_vars)})
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
+    try:
+        tmp.mkdir(parents=True)
+        model.save_weights(str(tmp / "model.weights.h5"))
+        opt_vars = {f"v{i:05d}": np.asarray(v.numpy()) for i, v in enumerate(optimizer.variables)}
+        atomic.save_npz(tmp / "optimizer.npz", **opt_vars)
+        atomic.write_json(tmp / "state.json", {"step": int(step), "n_optimizer_vars": len(opt_vars)})
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+    except OSError as exc:  # full disk, lost mount: the older checkpoints stay usable
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise Tile2AudioError(f"{final}: cannot write the checkpoint at step {step}: {exc.strerror or exc}; "
+                              "the earlier checkpoints are kept, free space and rerun with --resume") from exc
     for old in _checkpoint_dirs(run_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def remove_stale_temporaries(run_dir: Path) -> list[Path]:
+    """Delete ``checkpoints/.tmp_step_*`` folders a killed or failed checkpoint write left behind."""
+    root = run_dir / "checkpoints"
+    stale = sorted(root.glob(".tmp_step_*")) if root.is_dir() else []
+    for tmp in stale:
+        shutil.rmtree(tmp, ignore_errors=True)
+    if stale:
+        log.info("removed %d unfinished checkpoint folder(s) in %s", len(stale), root)
+    return stale
+
+
+def _trim_log(run_dir: Path, step: int, steps_per_epoch: int) -> None:
+    """Drop log.csv rows of epochs the checkpoint at ``step`` does not cover (they are redone)."""
+    path = run_dir / "log.csv"
+    if not path.is_file():
+        return
+    with open(path, encoding="utf-8", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    done = step // steps_per_epoch
+    keep = [r for r in rows if int(float(r.get("epoch") or 0)) < done]
+    if len(keep) == len(rows):
+        return
+    if not keep:
+        path.unlink()
+        return
+    with atomic.atomic_open(path, "w", encoding="utf-8", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(keep)
 
 
 def restore_checkpoint(ckpt: Path, model: Any, optimizer: Any) -> int:
@@ -359,8 +396,12 @@ def make_optimizer(config: TrainingConfig):
 def save_keras_atomic(model: Any, path: Path) -> None:
     """``model.save`` to a temporary ``.keras`` file, then rename it onto ``path``."""
     tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.keras")
-    model.save(str(tmp))
-    os.replace(tmp, path)
+    try:
+        model.save(str(tmp))
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise Tile2AudioError(f"{path}: cannot write the model: {exc.strerror or exc}") from exc
 
 
 # --------------------------------------------------------------------------- callbacks
@@ -372,17 +413,34 @@ def _callbacks(run_dir: Path, model, config: TrainingConfig, chief: bool, probe_
 
     t = config.train
 
+    class NonFiniteStop(keras.callbacks.Callback):
+        """Stop at the first step whose loss is NaN or inf (``model.non_finite_step``)."""
+
+        def on_train_batch_end(self, batch, logs=None):
+            loss = (logs or {}).get("loss")
+            if loss is not None and not np.all(np.isfinite(np.asarray(loss, dtype=np.float64))):
+                model.non_finite_step = int(model.optimizer.iterations.numpy())
+                model.stop_training = True
+
+    def healthy() -> bool:
+        return getattr(model, "non_finite_step", None) is None
+
     class Checkpointer(keras.callbacks.Callback):
-        """Checkpoint every N steps and at each epoch end (chief only)."""
+        """Checkpoint every N steps and at each epoch end (chief only), never non-finite weights.
+
+        The epoch's last step is left to :meth:`on_epoch_end`, which runs after the log
+        row is written: a kill between the two then loses the checkpoint, not the row.
+        """
 
         def on_train_batch_end(self, batch, logs=None):
             step = int(model.optimizer.iterations.numpy())
-            if chief and t.checkpoint_every_steps and step % t.checkpoint_every_steps == 0:
+            if (chief and healthy() and t.checkpoint_every_steps and step % t.checkpoint_every_steps == 0
+                    and step % t.steps_per_epoch):
                 save_checkpoint(run_dir, model, model.optimizer, step)
 
         def on_epoch_end(self, epoch, logs=None):
             step = int(model.optimizer.iterations.numpy())
-            if chief:
+            if chief and healthy():
                 save_checkpoint(run_dir, model, model.optimizer, step)
                 _update_run_json(run_dir, step=step, epoch=epoch + 1, status="training")
 
@@ -411,18 +469,26 @@ def _callbacks(run_dir: Path, model, config: TrainingConfig, chief: bool, probe_
         """Append one row per epoch to log.csv (Keras's CSVLogger adds empty val_* columns)."""
 
         def on_epoch_end(self, epoch, logs=None):
+            if not healthy():  # the epoch did not finish
+                return
             row = {"epoch": epoch, **{k: float(v) for k, v in (logs or {}).items()}}
             path = run_dir / "log.csv"
             new = not path.is_file()
-            with open(path, "a", encoding="utf-8", newline="") as fh:
-                writer = csv.DictWriter(fh, fieldnames=list(row))
-                if new:
-                    writer.writeheader()
-                writer.writerow(row)
+            try:
+                with open(path, "a", encoding="utf-8", newline="") as fh:
+                    writer = csv.DictWriter(fh, fieldnames=list(row))
+                    if new:
+                        writer.writeheader()
+                    writer.writerow(row)
+            except OSError as exc:
+                raise Tile2AudioError(f"{path}: cannot write the training log: {exc.strerror or exc}") from exc
 
-    cbs = [Checkpointer(), Monitor()]
+    # Order matters: the NaN check runs before the checkpoint, the log row before the epoch's checkpoint.
+    cbs = [NonFiniteStop(), Monitor()]
     if chief:
         cbs.append(EpochLog())
+    cbs.append(Checkpointer())
+    if chief:
         cbs.append(keras.callbacks.TensorBoard(log_dir=str(run_dir / "tensorboard"), write_graph=False))
     return cbs
 
@@ -603,6 +669,8 @@ def train(
     strat = make_strategy(strategy or config.train.strategy)
     worker, n_workers, chief = _worker_info(strat)
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise Tile2AudioError(f"{out}: -o names an existing file, not a runs folder or run directory")
     auto: dict = {}
     new_run = not resume or (exact and not is_run_dir(out))
     if new_run and (config.tiles.is_auto or config.sampler.is_auto or is_auto(config.loss.symmetric)):
@@ -625,7 +693,7 @@ def train(
     keras.utils.set_random_seed(t.seed)
     # Non-chief workers keep their own copy of the outputs, so nothing is written twice.
     own_dir = run_dir if chief else run_dir / f"worker_{worker}"
-    own_dir.mkdir(parents=True, exist_ok=True)
+    atomic.ensure_dir(own_dir, "run folder")
     if not is_run_dir(own_dir):
         atomic.write_text(own_dir / "config.yaml", dump_yaml(config))
         shutil.copyfile(Path(fc.path) / "params.json", own_dir / "features.json")
@@ -658,6 +726,8 @@ def train(
     if not (own_dir / "encoder_init.keras").is_file():
         save_keras_atomic(model.export(), own_dir / "encoder_init.keras")
 
+    if chief:
+        remove_stale_temporaries(run_dir)
     step = 0
     if resuming:
         ckpts = _checkpoint_dirs(run_dir)
@@ -666,6 +736,8 @@ def train(
             log.info("resumed from %s (step %d)", ckpts[-1].name, step)
         else:
             log.warning("no checkpoint in %s: starting from step 0", run_dir)
+    if chief:
+        _trim_log(run_dir, step, t.steps_per_epoch)
     total = t.total_steps
     if step >= total and (run_dir / "encoder.keras").is_file():
         log.info("run %s is already complete (%d steps)", run_dir, step)
@@ -694,10 +766,21 @@ def train(
         model.fit(dataset_from(step), epochs=epoch + 1, initial_epoch=epoch,
                   steps_per_epoch=t.steps_per_epoch - offset, callbacks=callbacks, verbose=verbose, shuffle=False)
         epoch += 1
-    if epoch < t.epochs:
+    if epoch < t.epochs and getattr(model, "non_finite_step", None) is None:
         model.fit(dataset_from(epoch * t.steps_per_epoch), epochs=t.epochs, initial_epoch=epoch,
                   steps_per_epoch=t.steps_per_epoch, callbacks=callbacks, verbose=verbose, shuffle=False)
     elapsed = time.time() - started
+    bad_step = getattr(model, "non_finite_step", None)
+    if bad_step is not None:
+        ckpts = _checkpoint_dirs(run_dir)
+        last = ckpts[-1].name if ckpts else None
+        _update_run_json(own_dir, status="failed", failed_step=bad_step, error="non-finite loss",
+                         last_good_checkpoint=last)
+        raise Tile2AudioError(
+            f"{own_dir}: training stopped at step {bad_step}: the loss is NaN or infinite; "
+            + (f"the last good checkpoint is {last}. " if last else "no checkpoint was written. ")
+            + "Lower train.learning_rate (or check the cache for bad values) and train again"
+        )
 
     save_keras_atomic(model.export(), own_dir / "encoder.keras")
     previous = read_run(own_dir).get("train_seconds", 0.0)
@@ -726,4 +809,8 @@ def load_encoder(run_dir: str | os.PathLike, weights: str = "trained"):
     path = Path(run_dir) / name
     if not path.is_file():
         raise Tile2AudioError(f"{path} not found: has the run finished training?")
+    # Keras reports a cut-off .keras zip as "File not found"; name the real cause.
+    if not zipfile.is_zipfile(path):
+        raise Tile2AudioError(f"{path}: truncated or corrupt .keras file (not a complete zip archive); "
+                              "copy it again or retrain the run")
     return keras.saving.load_model(str(path), safe_mode=True, compile=False)

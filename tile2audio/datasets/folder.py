@@ -41,7 +41,11 @@ def load(
         File extensions to keep (with or without the dot, any case); default
         wav, flac, ogg, mp3, au, aiff, aif, m4a, opus.
     follow_symlinks : bool
-        Descend into symlinked folders.
+        Descend into symlinked folders. A symlinked folder whose real path was already
+        scanned (a loop such as ``ln -s . loop``, or a second link to one folder) is not
+        entered again, and a file reached twice by its real path is listed once (at its
+        first path in sorted order); both are logged as warnings. Listing one recording
+        twice would put copies of it on both sides of a probe split.
 
     Returns
     -------
@@ -79,15 +83,39 @@ def _normalise_extensions(extensions: Iterable[str] | None) -> tuple[str, ...]:
 
 
 def _scan(root: Path, exts: tuple[str, ...], follow_symlinks: bool) -> list[str]:
-    """Sorted POSIX paths, relative to ``root``, of the audio files below it."""
+    """Sorted POSIX paths, relative to ``root``, of the audio files below it (each real file once)."""
     found = []
+    seen_dirs = {os.path.realpath(root)}
+    looped: list[str] = []
     for dirpath, dirnames, filenames in os.walk(root, followlinks=follow_symlinks):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        kept = []
+        for d in sorted(d for d in dirnames if not d.startswith(".")):
+            real = os.path.realpath(os.path.join(dirpath, d))
+            if real in seen_dirs:  # a symlink loop or a second link to a scanned folder
+                looped.append((Path(dirpath).relative_to(root) / d).as_posix())
+                continue
+            seen_dirs.add(real)
+            kept.append(d)
+        dirnames[:] = kept
         rel_dir = Path(dirpath).relative_to(root)
         for name in filenames:
             if not name.startswith(".") and os.path.splitext(name)[1].lower() in exts:
                 found.append((rel_dir / name).as_posix())
-    return sorted(found)
+    if looped:
+        log.warning("folder: not entering %d symlinked folder(s) that lead to a folder already scanned "
+                    "(a symlink loop or a duplicate link): %s", len(looped), summarise(looped))
+    unique, first_of, dups = [], {}, []
+    for rel in sorted(found):
+        real = os.path.realpath(root / rel)
+        if real in first_of:
+            dups.append(f"{rel} (= {first_of[real]})")
+            continue
+        first_of[real] = rel
+        unique.append(rel)
+    if dups:
+        log.warning("folder: %d file(s) are symlinks to a file already listed and are left out: %s",
+                    len(dups), summarise(dups))
+    return unique
 
 
 def _clip_ids(rel_paths: list[str]) -> list[str]:
