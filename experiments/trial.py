@@ -31,7 +31,7 @@ import numpy as np
 from tile2audio import atomic
 from tile2audio.config import load_experiment, to_dict
 from tile2audio.pipeline import _fingerprints, _Stages, run_experiment
-from tile2audio.train import read_run
+from tile2audio.runs import read_run
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"

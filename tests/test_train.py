@@ -17,7 +17,8 @@ from tile2audio.config import load_training
 from tile2audio.errors import Tile2AudioError
 from tile2audio.features import open_cache
 from tile2audio.rules import choose_training
-from tile2audio.train import load_encoder, read_run, resolve_precision, run_name, train
+from tile2audio.runs import load_encoder, read_run
+from tile2audio.train import resolve_precision, run_name, train
 
 
 def _cfg(*extra):

@@ -156,7 +156,12 @@ class FeatureParams:
 
     def seconds_to_frames(self, seconds: float) -> int:
         """Number of frames covering ``seconds`` (at least 1)."""
-        return max(1, int(round(seconds * self.frames_per_second)))
+        return max(1, frames_for(seconds, self.frames_per_second))
+
+
+def frames_for(seconds: float, frames_per_second: float) -> int:
+    """``seconds`` as a whole number of frames, rounded to the nearest: the package's one rounding rule."""
+    return int(round(seconds * frames_per_second))
 
 
 AUTO = "auto"

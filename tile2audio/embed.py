@@ -35,6 +35,7 @@ import pandas as pd
 
 from . import atomic
 from .errors import Tile2AudioError
+from .runs import open_run, read_run
 
 log = logging.getLogger(__name__)
 
@@ -383,38 +384,6 @@ def _folder_clips(folder: Path, prefix: bool) -> pd.DataFrame:
     return df
 
 
-def run_inputs(run_dir: str | os.PathLike, config=None) -> tuple:
-    """What a run's encoder expects as input: its feature parameters, statistics and tiles.
-
-    Parameters
-    ----------
-    run_dir : path
-        A run directory from :func:`tile2audio.train.train`.
-    config : TrainingConfig, optional
-        The run's config (read from ``run_dir`` when not given).
-
-    Returns
-    -------
-    feat : dict
-        The run's ``features.json``.
-    params : FeatureParams
-    stats : dict
-        ``mean`` and ``std`` (n_mels,) float32 arrays, for :func:`tile2audio.features.normalize_frames`.
-    geometry : TileGeometry
-        Tile and hop lengths in frames.
-    """
-    from .config import FeatureParams
-    from .tiles import TileGeometry
-    from .train import load_run_config
-
-    run_dir = Path(run_dir)
-    config = config if config is not None else load_run_config(run_dir)
-    feat = json.loads((run_dir / "features.json").read_text(encoding="utf-8"))
-    params = FeatureParams(**feat["params"])
-    stats = {k: np.asarray(v, dtype=np.float32) for k, v in (feat.get("stats") or {}).items() if k in ("mean", "std")}
-    return feat, params, stats, TileGeometry.from_config(config.tiles, params.frames_per_second)
-
-
 def embed(
     run_dir: str | os.PathLike,
     paths,
@@ -461,13 +430,12 @@ def embed(
     from tqdm.auto import tqdm
 
     from .features import extract_clip, normalize_frames
-    from .train import load_encoder, load_run_config, read_run
 
     run_dir = Path(run_dir)
     info = read_run(run_dir)
-    config = load_run_config(run_dir)
-    feat, params, stats, geometry = run_inputs(run_dir, config)
-    encoder = load_encoder(run_dir, weights)
+    run = open_run(run_dir)
+    config, feat, params, stats, geometry = run.config, run.feature_file, run.features, run.stats, run.geometry
+    encoder = run.encoder(weights)
     _check_finite_weights(encoder, run_dir, weights)
     kind = "random" if weights == "init" else ("trained" if info.get("label_free", True) else "supervised")
     meta = {

@@ -242,7 +242,8 @@ def run_experiment(cfg: ExperimentConfig, out: str | os.PathLike, *, dry_run: bo
     stage("features", features)
 
     def train_stage():
-        from .train import is_run_dir, train
+        from .runs import is_run_dir
+        from .train import train
 
         run = out / "run"
         if is_run_dir(run) and "train" in todo and stages.done.get("train") not in (None, fps["train"]):
@@ -275,7 +276,7 @@ def run_experiment(cfg: ExperimentConfig, out: str | os.PathLike, *, dry_run: bo
 
     def report():
         from .report import make_report
-        from .train import read_run
+        from .runs import read_run
 
         probe_result = json.loads((out / "probe" / "probe.json").read_text())
         cluster_result = json.loads((out / "cluster" / "cluster.json").read_text())
@@ -333,7 +334,7 @@ def report_runs(run_dirs: Sequence[str | os.PathLike], out: str | os.PathLike,
     from .clusters import cluster_entries
     from .probes import run_probes
     from .report import make_report
-    from .train import read_run
+    from .runs import read_run
 
     cfg = cfg or ExperimentConfig()
     runs = [Path(r) for r in run_dirs]

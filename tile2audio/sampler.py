@@ -79,7 +79,7 @@ import pandas as pd
 import tensorflow as tf
 
 from .audio import loop_pad
-from .config import FeatureParams, SamplerConfig, TileConfig, TrainingConfig
+from .config import FeatureParams, SamplerConfig, TileConfig, TrainingConfig, frames_for
 from .errors import Tile2AudioError
 from .rules import choose_training
 from .tiles import TileGeometry
@@ -272,7 +272,7 @@ class TripletSampler:
         seconds = self.config.distant_min_seconds
         if seconds is None:
             seconds = 2.0 * self.tiles.neighbourhood_seconds
-        frames = int(round(seconds * self.geometry.frames_per_second))
+        frames = frames_for(seconds, self.geometry.frames_per_second)
         return max(frames, self.geometry.neighbourhood_frames + 1)
 
     def _eligible_rows(self, index: pd.DataFrame) -> np.ndarray:

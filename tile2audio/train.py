@@ -22,7 +22,6 @@ import os
 import shutil
 import sys
 import time
-import zipfile
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -30,8 +29,10 @@ from typing import Any
 import numpy as np
 
 from . import atomic
-from .config import TrainingConfig, dump_yaml, is_auto, read_yaml, to_dict, training_from_dict
+from .config import TrainingConfig, dump_yaml, is_auto, to_dict
 from .errors import Tile2AudioError
+from .runs import geometry_record, is_run_dir, latest_run, load_run_config, read_run, save_keras_atomic, update_run_json
+from .tiles import TileGeometry
 
 log = logging.getLogger(__name__)
 
@@ -53,30 +54,6 @@ def run_name(config: TrainingConfig, when: float | None = None, stamp: str | Non
         f"{m.encoder}-d{m.embedding_dim}-t{t.tile_seconds:g}s-{s.mode}-{lo.negatives}"
         f"-m{lo.margin:g}-s{config.train.seed}-{stamp}"
     )
-
-
-def is_run_dir(path: str | os.PathLike) -> bool:
-    """True if ``path`` holds a run (a ``config.yaml`` and a ``run.json``)."""
-    return (Path(path) / "config.yaml").is_file() and (Path(path) / "run.json").is_file()
-
-
-def latest_run(parent: str | os.PathLike) -> Path | None:
-    """The most recently modified run directory directly under ``parent``, if any."""
-    runs = [p for p in Path(parent).iterdir() if p.is_dir() and is_run_dir(p)] if Path(parent).is_dir() else []
-    return max(runs, key=lambda p: (p / "run.json").stat().st_mtime) if runs else None
-
-
-def read_run(run_dir: str | os.PathLike) -> dict:
-    """``run.json`` of a run directory, with a clear error when it is not one."""
-    run_dir = Path(run_dir)
-    if not is_run_dir(run_dir):
-        raise Tile2AudioError(f"{run_dir} is not a tile2audio run directory (no config.yaml / run.json)")
-    return json.loads((run_dir / "run.json").read_text(encoding="utf-8"))
-
-
-def load_run_config(run_dir: str | os.PathLike) -> TrainingConfig:
-    """The resolved training config saved in a run directory."""
-    return training_from_dict(read_yaml(Path(run_dir) / "config.yaml"))
 
 
 def _resolve_run_dir(out: Path, config: TrainingConfig, resume: bool, exact: bool,
@@ -393,17 +370,6 @@ def make_optimizer(config: TrainingConfig):
     return optimizer
 
 
-def save_keras_atomic(model: Any, path: Path) -> None:
-    """``model.save`` to a temporary ``.keras`` file, then rename it onto ``path``."""
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.keras")
-    try:
-        model.save(str(tmp))
-        os.replace(tmp, path)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise Tile2AudioError(f"{path}: cannot write the model: {exc.strerror or exc}") from exc
-
-
 # --------------------------------------------------------------------------- callbacks
 
 
@@ -442,7 +408,7 @@ def _callbacks(run_dir: Path, model, config: TrainingConfig, chief: bool, probe_
             step = int(model.optimizer.iterations.numpy())
             if chief and healthy():
                 save_checkpoint(run_dir, model, model.optimizer, step)
-                _update_run_json(run_dir, step=step, epoch=epoch + 1, status="training")
+                update_run_json(run_dir, step=step, epoch=epoch + 1, status="training")
 
     class Monitor(keras.callbacks.Callback):
         """Warn on collapse; add the optional probe accuracy and the learning rate to the logs."""
@@ -493,15 +459,7 @@ def _callbacks(run_dir: Path, model, config: TrainingConfig, chief: bool, probe_
     return cbs
 
 
-def _update_run_json(run_dir: Path, **fields: Any) -> None:
-    """Merge fields into run.json atomically."""
-    path = run_dir / "run.json"
-    data = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-    data.update(fields)
-    atomic.write_json(path, data)
-
-
-def _make_probe_fn(cache, config: TrainingConfig, max_clips: int = 300):
+def _make_probe_fn(cache, config: TrainingConfig, geometry: TileGeometry, max_clips: int = 300):
     """A function encoder -> held-out logistic-probe accuracy, or None without labels."""
     labels = cache.index["label"].astype(str)
     if (labels == "").all() or labels[labels != ""].nunique() < 2:
@@ -513,13 +471,11 @@ def _make_probe_fn(cache, config: TrainingConfig, max_clips: int = 300):
     from sklearn.preprocessing import StandardScaler
 
     from .embed import embed_frames
-    from .tiles import TileGeometry
 
     rng = np.random.default_rng(config.train.seed)
     idx = cache.index[labels != ""]
     if len(idx) > max_clips:
         idx = idx.iloc[np.sort(rng.choice(len(idx), max_clips, replace=False))]
-    geometry = TileGeometry.from_config(config.tiles, cache.frames_per_second)
     groups = [g or c for g, c in zip(idx["group"].astype(str), idx["clip_id"])]
     y = idx["label"].astype(str).to_numpy()
     frames = [cache.frames(c) for c in idx["clip_id"]]
@@ -616,7 +572,7 @@ def resume_config(run_dir: str | os.PathLike, config: TrainingConfig | None) -> 
     longer = dataclasses.replace(saved, train=dataclasses.replace(saved.train, epochs=epochs))
     log.info("training %s longer: %d -> %d epochs", run_dir, saved.train.epochs, epochs)
     atomic.write_text(run_dir / "config.yaml", dump_yaml(longer))
-    _update_run_json(run_dir, status="training")  # no longer complete until the new epochs are done
+    update_run_json(run_dir, status="training")  # no longer complete until the new epochs are done
     return longer
 
 
@@ -694,6 +650,8 @@ def train(
     # Non-chief workers keep their own copy of the outputs, so nothing is written twice.
     own_dir = run_dir if chief else run_dir / f"worker_{worker}"
     atomic.ensure_dir(own_dir, "run folder")
+    # Seconds become frames here once; run.json keeps the result for every later reader.
+    geometry = TileGeometry.from_config(config.tiles, fc.frames_per_second)
     if not is_run_dir(own_dir):
         atomic.write_text(own_dir / "config.yaml", dump_yaml(config))
         shutil.copyfile(Path(fc.path) / "params.json", own_dir / "features.json")
@@ -702,7 +660,7 @@ def train(
             {"cache": str(Path(fc.path).resolve()), "status": "started", "step": 0, "epoch": 0,
              "label_free": config.sampler.label_free, "mode": config.sampler.mode,
              "encoder": config.model.encoder, "seed": t.seed, "workers": n_workers, "train_seconds": 0.0,
-             "auto": auto},
+             "auto": auto, "geometry": geometry_record(geometry)},
         )
     log.info("run directory: %s", own_dir)
 
@@ -753,7 +711,7 @@ def train(
 
         return strat.distribute_datasets_from_function(per_worker)
 
-    probe_fn = _make_probe_fn(fc, config) if t.probe_every_epochs and chief else None
+    probe_fn = _make_probe_fn(fc, config, geometry) if t.probe_every_epochs and chief else None
     callbacks = _callbacks(run_dir, model, config, chief, probe_fn)
     started = time.time()
     epoch, offset = divmod(step, t.steps_per_epoch)
@@ -774,7 +732,7 @@ def train(
     if bad_step is not None:
         ckpts = _checkpoint_dirs(run_dir)
         last = ckpts[-1].name if ckpts else None
-        _update_run_json(own_dir, status="failed", failed_step=bad_step, error="non-finite loss",
+        update_run_json(own_dir, status="failed", failed_step=bad_step, error="non-finite loss",
                          last_good_checkpoint=last)
         raise Tile2AudioError(
             f"{own_dir}: training stopped at step {bad_step}: the loss is NaN or infinite; "
@@ -784,33 +742,7 @@ def train(
 
     save_keras_atomic(model.export(), own_dir / "encoder.keras")
     previous = read_run(own_dir).get("train_seconds", 0.0)
-    _update_run_json(own_dir, status="complete", step=int(model.optimizer.iterations.numpy()),
+    update_run_json(own_dir, status="complete", step=int(model.optimizer.iterations.numpy()),
                      epoch=t.epochs, train_seconds=round(previous + elapsed, 2))
     log.info("training finished: %s (%.1f s)", own_dir / "encoder.keras", elapsed)
     return own_dir
-
-
-def load_encoder(run_dir: str | os.PathLike, weights: str = "trained"):
-    """Load a run's encoder with Keras safe mode.
-
-    Parameters
-    ----------
-    run_dir : path
-    weights : ``trained`` (``encoder.keras``) or ``init`` (``encoder_init.keras``, the
-        same architecture with its random initial weights)
-    """
-    import keras
-
-    from . import models  # noqa: F401  (registers custom layers before loading)
-
-    name = {"trained": "encoder.keras", "init": "encoder_init.keras"}.get(weights)
-    if name is None:
-        raise Tile2AudioError(f"weights must be 'trained' or 'init', got {weights!r}")
-    path = Path(run_dir) / name
-    if not path.is_file():
-        raise Tile2AudioError(f"{path} not found: has the run finished training?")
-    # Keras reports a cut-off .keras zip as "File not found"; name the real cause.
-    if not zipfile.is_zipfile(path):
-        raise Tile2AudioError(f"{path}: truncated or corrupt .keras file (not a complete zip archive); "
-                              "copy it again or retrain the run")
-    return keras.saving.load_model(str(path), safe_mode=True, compile=False)
