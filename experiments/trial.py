@@ -30,7 +30,7 @@ import numpy as np
 
 from tile2audio import atomic
 from tile2audio.config import load_experiment, to_dict
-from tile2audio.pipeline import _fingerprints, _Stages, run_experiment
+from tile2audio.pipeline import Stages, run_experiment, stage_fingerprints
 from tile2audio.runs import read_run
 
 HERE = Path(__file__).resolve().parent
@@ -40,13 +40,13 @@ BEGIN, END = "<!-- trials:begin -->", "<!-- trials:end -->"
 
 def reuse_cache(cfg, out: Path, other: Path) -> bool:
     """Hard-link ``other``'s manifest and cache into ``out`` if its fingerprints match."""
-    fps, done = _fingerprints(cfg), _Stages(other).done
+    fps, done = stage_fingerprints(cfg), Stages(other).done
     if out.exists() or any(done.get(s) != fps[s] for s in ("manifest", "features")):
         return False
     out.mkdir(parents=True)
     shutil.copy2(other / "manifest.csv", out / "manifest.csv")
     shutil.copytree(other / "cache", out / "cache", copy_function=os.link)
-    stages = _Stages(out)
+    stages = Stages(out)
     for s in ("manifest", "features"):
         stages.mark(s, fps[s])
     return True

@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 from . import atomic
 from .audio import TruncatedAudioWarning, is_silent, load_audio, loop_pad
 from .config import FeatureParams, to_dict
-from .datasets.schema import _is_missing
+from .datasets.schema import is_missing
 from .errors import Tile2AudioError
 
 log = logging.getLogger(__name__)
@@ -264,7 +264,7 @@ def _normalise_manifest(df: pd.DataFrame) -> pd.DataFrame:
     out = pd.DataFrame(index=range(len(df)))
     for col in _TEXT_COLUMNS:
         values = df[col] if col in df.columns else pd.Series([""] * len(df))
-        out[col] = [("" if _is_missing(v) else str(v)) for v in values]
+        out[col] = [("" if is_missing(v) else str(v)) for v in values]
     out["fold"] = _to_fold(df["fold"] if "fold" in df.columns else pd.Series([None] * len(df)))
     empty = out["clip_id"] == ""
     if empty.any():
@@ -277,7 +277,7 @@ def _normalise_manifest(df: pd.DataFrame) -> pd.DataFrame:
 
 def _to_fold(values: pd.Series) -> pd.Series:
     """Fold column as pandas Int64 ("" and NaN become NA); raise for non-integers."""
-    cleaned = pd.Series([None if _is_missing(v) or v == "" else v for v in values], dtype=object)
+    cleaned = pd.Series([None if is_missing(v) or v == "" else v for v in values], dtype=object)
     try:
         numeric = pd.to_numeric(cleaned)
         return pd.array(numeric, dtype="Int64")

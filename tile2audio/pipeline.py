@@ -62,7 +62,7 @@ def _fingerprint(*parts) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-class _Stages:
+class Stages:
     """Reads and writes ``stages.json``: which stage finished with which fingerprint."""
 
     def __init__(self, out: Path):
@@ -77,7 +77,7 @@ class _Stages:
         atomic.write_json(self.path, self.done)
 
 
-def _fingerprints(cfg: ExperimentConfig) -> dict[str, str]:
+def stage_fingerprints(cfg: ExperimentConfig) -> dict[str, str]:
     """Each stage's fingerprint, chained so a change upstream invalidates downstream."""
     c = to_dict(cfg)
     fps: dict[str, str] = {}
@@ -98,7 +98,7 @@ def _fingerprints(cfg: ExperimentConfig) -> dict[str, str]:
 def plan(cfg: ExperimentConfig, out: str | os.PathLike) -> list[tuple[str, bool]]:
     """(stage, up to date) for every stage of an experiment in ``out``."""
     out = Path(out)
-    stages, fps = _Stages(out), _fingerprints(cfg)
+    stages, fps = Stages(out), stage_fingerprints(cfg)
     outputs = {
         "manifest": [out / "manifest.csv"], "features": [out / "cache" / "index.csv"],
         "train": [out / "run" / "encoder.keras"],
@@ -215,7 +215,7 @@ def run_experiment(cfg: ExperimentConfig, out: str | os.PathLike, *, dry_run: bo
         return steps
     atomic.ensure_dir(out, "output folder")
     atomic.write_text(out / "config.yaml", dump_yaml(cfg))
-    stages, fps, todo = _Stages(out), _fingerprints(cfg), {s for s, ok in steps if not ok}
+    stages, fps, todo = Stages(out), stage_fingerprints(cfg), {s for s, ok in steps if not ok}
     timings: dict[str, float] = {}
 
     def stage(name: str, fn):

@@ -29,7 +29,7 @@ _INT_TEXT = re.compile(r"^\s*(\d+)(?:\.0*)?\s*$")
 _MAX_SHOWN = 5
 
 
-def _is_missing(value: Any) -> bool:
+def is_missing(value: Any) -> bool:
     """True for None, NaN, pd.NA and NaT."""
     try:
         return bool(pd.isna(value))
@@ -40,7 +40,7 @@ def _is_missing(value: Any) -> bool:
 def _as_text(series: pd.Series) -> pd.Series:
     """Strings with ``""`` for missing cells (whatever the input dtype)."""
     return pd.Series(
-        ["" if _is_missing(v) else str(v) for v in series], index=series.index, dtype=str
+        ["" if is_missing(v) else str(v) for v in series], index=series.index, dtype=str
     )
 
 
@@ -57,7 +57,7 @@ def _rows_text(df: pd.DataFrame, positions: Iterable[int]) -> str:
 
 def parse_fold_value(value: Any) -> int | None:
     """One fold cell as an int (None when empty); raise ValueError when not an integer >= 0."""
-    if _is_missing(value):
+    if is_missing(value):
         return None
     if isinstance(value, bool):
         raise ValueError(value)
