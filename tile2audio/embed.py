@@ -20,8 +20,6 @@ removes tile files of another encoder, so the folder never mixes two).
 from __future__ import annotations
 
 import hashlib
-import sys
-import types
 import os
 import json
 import logging
@@ -490,14 +488,3 @@ def embed(
     arrays = {p: np.stack([x[p] for x in pooled]) for p in POOLINGS}
     clips["n_tiles"] = [len(tile_arrays[c][0]) for c in clips["clip_id"]]
     return EmbeddingSet(clips=_clip_table(clips), arrays=arrays, meta=meta, tile_arrays=tile_arrays)
-
-
-class _CallableModule(types.ModuleType):
-    """Keeps ``tile2audio.embed(run_dir, paths)`` working once this module is imported
-    (importing a submodule rebinds the package attribute ``embed`` to the module)."""
-
-    def __call__(self, *args, **kwargs):
-        return embed(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
