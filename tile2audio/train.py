@@ -26,11 +26,14 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import keras
 import numpy as np
+import tensorflow as tf
 
-from . import atomic
+from . import atomic, losses
 from .config import TrainingConfig, dump_yaml, is_auto, to_dict
 from .errors import Tile2AudioError
+from .models import build_decoder, build_encoder, export_encoder
 from .runs import geometry_record, is_run_dir, latest_run, load_run_config, read_run, save_keras_atomic, update_run_json
 from .tiles import TileGeometry
 
@@ -165,8 +168,6 @@ def make_strategy(name: str = "auto"):
     ``auto`` picks MultiWorkerMirroredStrategy when ``TF_CONFIG`` names more than one
     worker, MirroredStrategy when more than one GPU is visible, else the default.
     """
-    import tensorflow as tf
-
     if name == "auto":
         cluster = json.loads(os.environ.get("TF_CONFIG", "{}")).get("cluster", {})
         n_workers = len(cluster.get("worker", [])) + len(cluster.get("chief", []))
@@ -213,8 +214,6 @@ def resolve_precision(name: str = "auto") -> str:
     """
     if name != "auto":
         return name
-    import tensorflow as tf
-
     if tf.config.list_physical_devices("GPU"):
         return "mixed_float16"
     try:
@@ -224,8 +223,104 @@ def resolve_precision(name: str = "auto") -> str:
     return "mixed_bfloat16" if ("avx512_bf16" in flags or "amx_bf16" in flags) else "float32"
 
 
+# ------------------------------------------------------------------ Keras / TensorFlow compatibility
+# The only two places that touch private Keras or TensorFlow API. Checked against keras
+# 3.3 to 3.15.1 with TensorFlow 2.16 to 2.20; setup.cfg bounds keras below 3.16 and
+# tests/test_train.py::test_keras_compatibility_block fails when either hook disappears.
+KERAS_CHECKED = ("3.3", "3.15.1")
+
+
+def _in_multi_worker_mode(strategy) -> bool:
+    """True under a multi-worker strategy (TensorFlow's private ``extended._in_multi_worker_mode``)."""
+    extended = getattr(strategy, "extended", None)
+    return bool(getattr(extended, "_in_multi_worker_mode", lambda: False)())
+
+
+class _PrebuiltModel(keras.Model):
+    """A Keras model that skips Keras 3's symbolic build once it is built (private ``_maybe_symbolic_build``)."""
+
+    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+        # Under a distribution strategy Keras 3 builds symbolically from a batch it
+        # takes off the iterator (and fails to reduce dict batches). The model and
+        # optimizer are built before fit, so that batch would only be lost.
+        if self.built and self.optimizer is not None and self.optimizer.built:
+            return
+        super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)
+
+
+# ------------------------------------------------------------------ the triplet model
+
+
+class TripletModel(_PrebuiltModel):
+    """Encoder (+ decoder) trained with the triplet (+ MSE) loss in a custom step.
+
+    Parameters
+    ----------
+    encoder : keras.Model
+        Maps (B, T, M, 1) tiles to (B, D).
+    decoder : keras.Model or None
+        Maps (B, D) back to (B, T, M, 1) for the MSE term.
+    config : TrainingConfig
+        ``loss`` drives :func:`tile2audio.losses.compute_losses`; ``model`` the export.
+    precision : str
+        The Keras dtype policy the encoder is exported in.
+    multi_worker : bool
+        Reshape the step's scalar outputs to (1,) for Keras's multi-worker reduction.
+    """
+
+    def __init__(self, encoder, decoder=None, *, config: TrainingConfig, precision: str,
+                 multi_worker: bool = False, **kwargs):
+        super().__init__(**kwargs)
+        self.encoder = encoder
+        self.decoder = decoder
+        self.trackers = {k: keras.metrics.Mean(name=k) for k in LOG_KEYS}
+        self.run_config = config
+        self.export_precision = precision
+        self.multi_worker = multi_worker
+
+    def export(self):
+        """The encoder as plain Keras layers in the run's precision (what is saved)."""
+        return export_encoder(self.encoder, self.run_config.model, self.export_precision)
+
+    def call(self, x, training=False):
+        return self.encoder(x, training=training)
+
+    @property
+    def metrics(self):
+        return list(self.trackers.values())
+
+    def train_step(self, data):
+        xa, xn, xo = data["anchor"], data["neighbour"], data["opposite"]
+        n = tf.shape(xa)[0]
+        replicas = tf.distribute.get_strategy().num_replicas_in_sync
+        with tf.GradientTape() as tape:
+            # One pass over the three tiles: faster, and batch norm sees all of them.
+            z = self.encoder(tf.concat([xa, xn, xo], axis=0), training=True)
+            za, zn, zo = z[:n], z[n : 2 * n], z[2 * n :]
+            recon = None
+            if self.decoder is not None:
+                r = self.decoder(z, training=True)
+                recon = (r[:n], r[n : 2 * n], r[2 * n :])
+            # Looked up at trace time, so tests can patch tile2audio.losses.compute_losses.
+            out = losses.compute_losses(self.run_config.loss, za, zn, zo, data, reconstructions=recon,
+                                        tiles=(xa, xn, xo))
+            # Gradients are summed over replicas, so each replica contributes its share.
+            scaled = out["loss"] / tf.cast(replicas, out["loss"].dtype)
+            # Loss scaling under mixed_float16 (the optimizer unscales in apply); else identity.
+            scaled = self.optimizer.scale_loss(scaled)
+        grads = tape.gradient(scaled, self.trainable_variables)
+        self.optimizer.apply(grads, self.trainable_variables)
+        for k, tracker in self.trackers.items():
+            tracker.update_state(out[k])
+        results = {k: t.result() for k, t in self.trackers.items()}
+        if self.multi_worker:
+            # Keras reduces multi-worker step outputs along axis 0, which a scalar lacks.
+            results = {k: tf.reshape(v, [1]) for k, v in results.items()}
+        return results
+
+
 def build_triplet_model(config: TrainingConfig, tile_shape: tuple[int, int, int], normalize: str,
-                        *, baseline: bool = False):
+                        *, baseline: bool = False) -> TripletModel:
     """The Keras model that owns the triplet train step (used by training and the benchmark).
 
     Parameters
@@ -248,72 +343,8 @@ def build_triplet_model(config: TrainingConfig, tile_shape: tuple[int, int, int]
         Build it inside the strategy's scope. On one replica the encoder uses
         :class:`~tile2audio.models.FusedBatchNorm`; on several, synchronised Keras batch norm.
     """
-    import keras
-    import tensorflow as tf
-
-    from .losses import compute_losses
-    from .models import build_decoder, build_encoder, export_encoder
-
-    loss_cfg = config.loss
     strategy = tf.distribute.get_strategy()
-    extended = getattr(strategy, "extended", None)
-    multi_worker = bool(getattr(extended, "_in_multi_worker_mode", lambda: False)())
-
-    class TripletModel(keras.Model):
-        """Encoder (+ decoder) trained with the triplet (+ MSE) loss in a custom step."""
-
-        def __init__(self, encoder, decoder=None, **kwargs):
-            super().__init__(**kwargs)
-            self.encoder = encoder
-            self.decoder = decoder
-            self.trackers = {k: keras.metrics.Mean(name=k) for k in LOG_KEYS}
-
-        def export(self):
-            """The encoder as plain Keras layers in the run's precision (what is saved)."""
-            return export_encoder(self.encoder, config.model, precision)
-
-        def call(self, x, training=False):
-            return self.encoder(x, training=training)
-
-        @property
-        def metrics(self):
-            return list(self.trackers.values())
-
-        def _maybe_symbolic_build(self, iterator=None, data_batch=None):
-            # Under a distribution strategy Keras 3 builds symbolically from a batch it
-            # takes off the iterator (and fails to reduce dict batches). The model and
-            # optimizer are built before fit, so that batch would only be lost.
-            if self.built and self.optimizer is not None and self.optimizer.built:
-                return
-            super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)
-
-        def train_step(self, data):
-            xa, xn, xo = data["anchor"], data["neighbour"], data["opposite"]
-            n = tf.shape(xa)[0]
-            replicas = tf.distribute.get_strategy().num_replicas_in_sync
-            with tf.GradientTape() as tape:
-                # One pass over the three tiles: faster, and batch norm sees all of them.
-                z = self.encoder(tf.concat([xa, xn, xo], axis=0), training=True)
-                za, zn, zo = z[:n], z[n : 2 * n], z[2 * n :]
-                recon = None
-                if self.decoder is not None:
-                    r = self.decoder(z, training=True)
-                    recon = (r[:n], r[n : 2 * n], r[2 * n :])
-                out = compute_losses(loss_cfg, za, zn, zo, data, reconstructions=recon, tiles=(xa, xn, xo))
-                # Gradients are summed over replicas, so each replica contributes its share.
-                scaled = out["loss"] / tf.cast(replicas, out["loss"].dtype)
-                # Loss scaling under mixed_float16 (the optimizer unscales in apply); else identity.
-                scaled = self.optimizer.scale_loss(scaled)
-            grads = tape.gradient(scaled, self.trainable_variables)
-            self.optimizer.apply(grads, self.trainable_variables)
-            for k, tracker in self.trackers.items():
-                tracker.update_state(out[k])
-            results = {k: t.result() for k, t in self.trackers.items()}
-            if multi_worker:
-                # Keras reduces multi-worker step outputs along axis 0, which a scalar lacks.
-                results = {k: tf.reshape(v, [1]) for k, v in results.items()}
-            return results
-
+    multi_worker = _in_multi_worker_mode(strategy)
     seed = config.train.seed
     precision = "float32" if baseline else resolve_precision(config.train.precision)
     fused = strategy.num_replicas_in_sync == 1 and not baseline
@@ -329,7 +360,7 @@ def build_triplet_model(config: TrainingConfig, tile_shape: tuple[int, int, int]
             for layer in _all_layers(net):
                 if isinstance(layer, keras.layers.BatchNormalization):
                     layer.synchronized = True
-    return TripletModel(encoder, decoder)
+    return TripletModel(encoder, decoder, config=config, precision=precision, multi_worker=multi_worker)
 
 
 def _all_layers(model) -> list:
@@ -345,8 +376,6 @@ def _all_layers(model) -> list:
 
 def make_optimizer(config: TrainingConfig):
     """Adam with the run's learning rate: constant, or warmup then cosine decay."""
-    import keras
-
     t = config.train
     lr: Any = t.learning_rate
     if t.lr_schedule == "cosine":
@@ -373,87 +402,126 @@ def make_optimizer(config: TrainingConfig):
 # --------------------------------------------------------------------------- callbacks
 
 
+def _healthy(model) -> bool:
+    """True until :class:`NonFiniteStop` has seen a NaN or infinite loss."""
+    return getattr(model, "non_finite_step", None) is None
+
+
+class NonFiniteStop(keras.callbacks.Callback):
+    """Stop at the first step whose loss is NaN or inf (sets ``model.non_finite_step``)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.net = model
+
+    def on_train_batch_end(self, batch, logs=None):
+        loss = (logs or {}).get("loss")
+        if loss is not None and not np.all(np.isfinite(np.asarray(loss, dtype=np.float64))):
+            self.net.non_finite_step = int(self.net.optimizer.iterations.numpy())
+            self.net.stop_training = True
+
+
+class Checkpointer(keras.callbacks.Callback):
+    """Checkpoint every N steps and at each epoch end (chief only), never non-finite weights.
+
+    The epoch's last step is left to :meth:`on_epoch_end`, which runs after the log
+    row is written: a kill between the two then loses the checkpoint, not the row.
+    """
+
+    def __init__(self, run_dir: Path, model, train_config, chief: bool):
+        super().__init__()
+        self.run_dir, self.net, self.t, self.chief = run_dir, model, train_config, chief
+
+    def on_train_batch_end(self, batch, logs=None):
+        t = self.t
+        step = int(self.net.optimizer.iterations.numpy())
+        if (self.chief and _healthy(self.net) and t.checkpoint_every_steps and step % t.checkpoint_every_steps == 0
+                and step % t.steps_per_epoch):
+            save_checkpoint(self.run_dir, self.net, self.net.optimizer, step)
+
+    def on_epoch_end(self, epoch, logs=None):
+        step = int(self.net.optimizer.iterations.numpy())
+        if self.chief and _healthy(self.net):
+            save_checkpoint(self.run_dir, self.net, self.net.optimizer, step)
+            update_run_json(self.run_dir, step=step, epoch=epoch + 1, status="training")
+
+
+class Monitor(keras.callbacks.Callback):
+    """Warn on collapse; add the optional probe accuracy and the learning rate to the logs."""
+
+    def __init__(self, model, train_config, probe_fn):
+        super().__init__()
+        self.net, self.t, self.probe_fn = model, train_config, probe_fn
+
+    def on_epoch_end(self, epoch, logs=None):
+        t, model = self.t, self.net
+        logs = logs if logs is not None else {}
+        spread = logs.get("spread")
+        if spread is not None and spread < t.collapse_threshold:
+            log.warning(
+                "epoch %d: embedding spread across the batch is %.2e (< %.0e): the embeddings are "
+                "collapsing; lower the learning rate or the margin, or use more negatives",
+                epoch + 1, spread, t.collapse_threshold,
+            )
+        lr = model.optimizer.learning_rate
+        logs["learning_rate"] = float(lr.numpy() if hasattr(lr, "numpy") else lr)
+        logs["step"] = int(model.optimizer.iterations.numpy())
+        if self.probe_fn is not None:
+            do = t.probe_every_epochs and (epoch + 1) % t.probe_every_epochs == 0
+            logs["probe_accuracy"] = float(self.probe_fn(model.encoder)) if do else float("nan")
+            if do:
+                log.info("epoch %d: probe accuracy %.3f", epoch + 1, logs["probe_accuracy"])
+
+
+class EpochLog(keras.callbacks.Callback):
+    """Append one row per epoch to log.csv (Keras's CSVLogger adds empty val_* columns)."""
+
+    def __init__(self, run_dir: Path, model):
+        super().__init__()
+        self.run_dir, self.net = run_dir, model
+
+    def on_epoch_end(self, epoch, logs=None):
+        if not _healthy(self.net):  # the epoch did not finish
+            return
+        row = {"epoch": epoch, **{k: float(v) for k, v in (logs or {}).items()}}
+        path = self.run_dir / "log.csv"
+        new = not path.is_file()
+        try:
+            with open(path, "a", encoding="utf-8", newline="") as fh:
+                writer = csv.DictWriter(fh, fieldnames=list(row))
+                if new:
+                    writer.writeheader()
+                writer.writerow(row)
+        except OSError as exc:
+            raise Tile2AudioError(f"{path}: cannot write the training log: {exc.strerror or exc}") from exc
+
+
+class EpochLine(keras.callbacks.Callback):
+    """Print one line per epoch to stdout: epoch, step, seconds, the logs."""
+
+    def __init__(self, epochs: int):
+        super().__init__()
+        self.epochs = epochs
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.started = time.time()
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs = dict(logs or {})
+        step = int(logs.pop("step", 0))
+        values = " - ".join(f"{k} {float(v):.4g}" for k, v in logs.items())
+        print(f"epoch {epoch + 1}/{self.epochs} - step {step} - {time.time() - self.started:.1f} s - {values}",
+              flush=True)
+
+
 def _callbacks(run_dir: Path, model, config: TrainingConfig, chief: bool, probe_fn):
     """Checkpoint, collapse warning, probe, CSV and TensorBoard callbacks."""
-    import keras
-
     t = config.train
-
-    class NonFiniteStop(keras.callbacks.Callback):
-        """Stop at the first step whose loss is NaN or inf (``model.non_finite_step``)."""
-
-        def on_train_batch_end(self, batch, logs=None):
-            loss = (logs or {}).get("loss")
-            if loss is not None and not np.all(np.isfinite(np.asarray(loss, dtype=np.float64))):
-                model.non_finite_step = int(model.optimizer.iterations.numpy())
-                model.stop_training = True
-
-    def healthy() -> bool:
-        return getattr(model, "non_finite_step", None) is None
-
-    class Checkpointer(keras.callbacks.Callback):
-        """Checkpoint every N steps and at each epoch end (chief only), never non-finite weights.
-
-        The epoch's last step is left to :meth:`on_epoch_end`, which runs after the log
-        row is written: a kill between the two then loses the checkpoint, not the row.
-        """
-
-        def on_train_batch_end(self, batch, logs=None):
-            step = int(model.optimizer.iterations.numpy())
-            if (chief and healthy() and t.checkpoint_every_steps and step % t.checkpoint_every_steps == 0
-                    and step % t.steps_per_epoch):
-                save_checkpoint(run_dir, model, model.optimizer, step)
-
-        def on_epoch_end(self, epoch, logs=None):
-            step = int(model.optimizer.iterations.numpy())
-            if chief and healthy():
-                save_checkpoint(run_dir, model, model.optimizer, step)
-                update_run_json(run_dir, step=step, epoch=epoch + 1, status="training")
-
-    class Monitor(keras.callbacks.Callback):
-        """Warn on collapse; add the optional probe accuracy and the learning rate to the logs."""
-
-        def on_epoch_end(self, epoch, logs=None):
-            logs = logs if logs is not None else {}
-            spread = logs.get("spread")
-            if spread is not None and spread < t.collapse_threshold:
-                log.warning(
-                    "epoch %d: embedding spread across the batch is %.2e (< %.0e): the embeddings are "
-                    "collapsing; lower the learning rate or the margin, or use more negatives",
-                    epoch + 1, spread, t.collapse_threshold,
-                )
-            lr = model.optimizer.learning_rate
-            logs["learning_rate"] = float(lr.numpy() if hasattr(lr, "numpy") else lr)
-            logs["step"] = int(model.optimizer.iterations.numpy())
-            if probe_fn is not None:
-                do = t.probe_every_epochs and (epoch + 1) % t.probe_every_epochs == 0
-                logs["probe_accuracy"] = float(probe_fn(model.encoder)) if do else float("nan")
-                if do:
-                    log.info("epoch %d: probe accuracy %.3f", epoch + 1, logs["probe_accuracy"])
-
-    class EpochLog(keras.callbacks.Callback):
-        """Append one row per epoch to log.csv (Keras's CSVLogger adds empty val_* columns)."""
-
-        def on_epoch_end(self, epoch, logs=None):
-            if not healthy():  # the epoch did not finish
-                return
-            row = {"epoch": epoch, **{k: float(v) for k, v in (logs or {}).items()}}
-            path = run_dir / "log.csv"
-            new = not path.is_file()
-            try:
-                with open(path, "a", encoding="utf-8", newline="") as fh:
-                    writer = csv.DictWriter(fh, fieldnames=list(row))
-                    if new:
-                        writer.writeheader()
-                    writer.writerow(row)
-            except OSError as exc:
-                raise Tile2AudioError(f"{path}: cannot write the training log: {exc.strerror or exc}") from exc
-
     # Order matters: the NaN check runs before the checkpoint, the log row before the epoch's checkpoint.
-    cbs = [NonFiniteStop(), Monitor()]
+    cbs = [NonFiniteStop(model), Monitor(model, t, probe_fn)]
     if chief:
-        cbs.append(EpochLog())
-    cbs.append(Checkpointer())
+        cbs.append(EpochLog(run_dir, model))
+    cbs.append(Checkpointer(run_dir, model, t, chief))
     if chief:
         cbs.append(keras.callbacks.TensorBoard(log_dir=str(run_dir / "tensorboard"), write_graph=False))
     return cbs
@@ -499,24 +567,6 @@ def _make_probe_fn(cache, config: TrainingConfig, geometry: TileGeometry, max_cl
 def _is_terminal() -> bool:
     """True when stdout is an interactive terminal (not a pipe, a file or a CI log)."""
     return bool(getattr(sys.stdout, "isatty", None) and sys.stdout.isatty())
-
-
-def _epoch_line_callback(epochs: int):
-    """A Keras callback printing one line per epoch to stdout: epoch, step, seconds, the logs."""
-    import keras
-
-    class EpochLine(keras.callbacks.Callback):
-        def on_epoch_begin(self, epoch, logs=None):
-            self.started = time.time()
-
-        def on_epoch_end(self, epoch, logs=None):
-            logs = dict(logs or {})
-            step = int(logs.pop("step", 0))
-            values = " - ".join(f"{k} {float(v):.4g}" for k, v in logs.items())
-            print(f"epoch {epoch + 1}/{epochs} - step {step} - {time.time() - self.started:.1f} s - {values}",
-                  flush=True)
-
-    return EpochLine()
 
 
 def _flat(cfg: TrainingConfig) -> dict:
@@ -614,8 +664,6 @@ def train(
     Path
         The run directory, holding ``encoder.keras`` when training finished.
     """
-    import keras
-
     from .features import open_cache
     from .rules import choose_training
     from .sampler import TripletSampler
@@ -718,7 +766,7 @@ def train(
     # Keras's bar is for terminals; in a CI log, `| tee` or nohup it is one line per epoch.
     verbose = 1 if progress and _is_terminal() else 0
     if not verbose:
-        callbacks = callbacks + [_epoch_line_callback(t.epochs)]
+        callbacks = callbacks + [EpochLine(t.epochs)]
     if offset:
         # Finish the interrupted epoch first, then run whole epochs.
         model.fit(dataset_from(step), epochs=epoch + 1, initial_epoch=epoch,
