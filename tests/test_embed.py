@@ -87,3 +87,13 @@ def test_tile2audio_embed_is_the_module_and_embed_audio_the_function():
 
     assert isinstance(tile2audio.embed, types.ModuleType) and tile2audio.embed is module
     assert not callable(tile2audio.embed) and callable(tile2audio.embed_audio)
+
+
+def test_label_free_result_is_false_for_supervised_kind():
+    from tile2audio.embed import from_clip_matrix
+
+    clips = pd.DataFrame({"clip_id": ["a", "b"], "label": ["x", "y"]})
+    m = np.zeros((2, 3), np.float32)
+    assert from_clip_matrix(clips, m, "t", kind="trained").label_free_result
+    assert not from_clip_matrix(clips, m, "s", kind="supervised").label_free_result
+    assert not from_clip_matrix(clips, m, "l", kind="trained", label_free=False).label_free_result

@@ -32,6 +32,7 @@ import numpy as np
 import pandas as pd
 
 from . import atomic
+from .datasets.schema import text_column
 from .errors import Tile2AudioError
 from .runs import open_run, read_run
 
@@ -109,6 +110,11 @@ class EmbeddingSet:
         """False for embeddings trained with label-aware triplets."""
         return bool(self.meta.get("label_free", True))
 
+    @property
+    def label_free_result(self) -> bool:
+        """True when results of this embedding count as label-free: ``label_free`` and not of kind ``supervised``."""
+        return self.label_free and self.kind != "supervised"
+
     def pooled(self, pooling: str = "mean") -> np.ndarray:
         """The clip-level matrix for ``pooling`` (``mean``, ``meanstd`` or ``max``), (n_clips, D')."""
         if pooling not in self.arrays:
@@ -180,7 +186,7 @@ def _clip_table(clips: pd.DataFrame) -> pd.DataFrame:
         out["file"] = [safe_file_name(c) for c in out["clip_id"]]
     out["fold"] = pd.array(pd.to_numeric(out["fold"].replace("", None), errors="coerce"), dtype="Int64")
     for col in ("label", "split", "group", "path"):
-        out[col] = out[col].fillna("").astype(str)
+        out[col] = text_column(out, col)
     return out[CLIP_COLUMNS + [c for c in out.columns if c not in CLIP_COLUMNS]]
 
 

@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 from . import atomic
 from .audio import TruncatedAudioWarning, is_silent, load_audio, loop_pad
 from .config import FeatureParams, to_dict
-from .datasets.schema import is_missing
+from .datasets.schema import MANIFEST_COLUMNS, TEXT_COLUMNS, is_missing
 from .errors import Tile2AudioError
 
 log = logging.getLogger(__name__)
@@ -51,8 +51,6 @@ INDEX_COLUMNS = [
     "label", "split", "fold", "group", "path", "root", "note",
 ]
 FAILURE_COLUMNS = ["path", "clip_id", "reason", "action"]
-MANIFEST_COLUMNS = ["clip_id", "path", "root", "label", "split", "fold", "group"]
-_TEXT_COLUMNS = ("clip_id", "path", "root", "label", "split", "group")
 _STD_FLOOR = 1e-3
 _SILENCE_DB = -80.0
 _MAX_OPEN_SHARDS = 64
@@ -262,7 +260,7 @@ def _normalise_manifest(df: pd.DataFrame) -> pd.DataFrame:
     if len(df) == 0:
         raise Tile2AudioError("manifest has no rows")
     out = pd.DataFrame(index=range(len(df)))
-    for col in _TEXT_COLUMNS:
+    for col in TEXT_COLUMNS:
         values = df[col] if col in df.columns else pd.Series([""] * len(df))
         out[col] = [("" if is_missing(v) else str(v)) for v in values]
     out["fold"] = _to_fold(df["fold"] if "fold" in df.columns else pd.Series([None] * len(df)))
@@ -272,7 +270,7 @@ def _normalise_manifest(df: pd.DataFrame) -> pd.DataFrame:
     dup = out["clip_id"][out["clip_id"].duplicated()].unique()
     if len(dup):
         raise Tile2AudioError(f"manifest has duplicate clip_id(s): {', '.join(map(str, dup[:5]))}")
-    return out[MANIFEST_COLUMNS]
+    return out[list(MANIFEST_COLUMNS)]
 
 
 def _to_fold(values: pd.Series) -> pd.Series:
@@ -306,7 +304,7 @@ def _load_manifest(manifest: pd.DataFrame | str | os.PathLike, root: str | os.Pa
 def _fingerprint(df: pd.DataFrame, params: FeatureParams, chunk_clips: int, max_shard_mb: float) -> str:
     """Hash of what determines the cache's bytes: manifest content, parameters, layout."""
     h = hashlib.sha256()
-    h.update(df[MANIFEST_COLUMNS].to_csv(index=False).encode("utf-8"))
+    h.update(df[list(MANIFEST_COLUMNS)].to_csv(index=False).encode("utf-8"))
     meta = {"version": CACHE_VERSION, "params": to_dict(params), "chunk_clips": chunk_clips,
             "max_shard_mb": max_shard_mb}
     h.update(json.dumps(meta, sort_keys=True).encode("utf-8"))

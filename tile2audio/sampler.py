@@ -80,6 +80,7 @@ import tensorflow as tf
 
 from .audio import loop_pad
 from .config import FeatureParams, SamplerConfig, TileConfig, TrainingConfig, frames_for
+from .datasets.schema import text_column
 from .errors import Tile2AudioError
 from .rules import choose_training
 from .tiles import TileGeometry
@@ -709,16 +710,9 @@ def _checked_index(index: pd.DataFrame) -> pd.DataFrame:
     return index.reset_index(drop=True)
 
 
-def _text_column(index: pd.DataFrame, name: str) -> np.ndarray:
-    """A string column with missing values as ''."""
-    if name not in index.columns:
-        return np.full(len(index), "", dtype=object)
-    return index[name].fillna("").astype(str).str.strip().to_numpy(dtype=object)
-
-
 def _group_codes(index: pd.DataFrame) -> np.ndarray:
     """int32 group code per row; a row without group gets a code of its own."""
-    groups = _text_column(index, "group")
+    groups = text_column(index, "group", strip=True)
     codes = np.empty(len(index), dtype=np.int64)
     named = groups != ""
     codes[named] = pd.factorize(groups[named])[0]
@@ -729,7 +723,7 @@ def _group_codes(index: pd.DataFrame) -> np.ndarray:
 
 def _label_codes(index: pd.DataFrame) -> np.ndarray:
     """int32 label code per row, -1 where there is no label."""
-    labels = _text_column(index, "label")
+    labels = text_column(index, "label", strip=True)
     codes = np.full(len(index), -1, dtype=np.int32)
     named = labels != ""
     codes[named] = pd.factorize(labels[named])[0]

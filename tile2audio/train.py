@@ -32,6 +32,7 @@ import tensorflow as tf
 
 from . import atomic, losses
 from .config import TrainingConfig, dump_yaml, is_auto, to_dict
+from .datasets.schema import group_or_self
 from .errors import Tile2AudioError
 from .models import build_decoder, build_encoder, export_encoder
 from .runs import geometry_record, is_run_dir, latest_run, load_run_config, read_run, save_keras_atomic, update_run_json
@@ -544,7 +545,8 @@ def _make_probe_fn(cache, config: TrainingConfig, geometry: TileGeometry, max_cl
     idx = cache.index[labels != ""]
     if len(idx) > max_clips:
         idx = idx.iloc[np.sort(rng.choice(len(idx), max_clips, replace=False))]
-    groups = [g or c for g, c in zip(idx["group"].astype(str), idx["clip_id"])]
+    # No prefix: a clip's own group is its id, as this callback has always split.
+    groups = list(group_or_self(idx["group"].astype(str).to_numpy(dtype=object), idx["clip_id"], prefix=""))
     y = idx["label"].astype(str).to_numpy()
     frames = [cache.frames(c) for c in idx["clip_id"]]
 
