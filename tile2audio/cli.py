@@ -23,6 +23,8 @@ def _k_range(text: str) -> tuple[int, int]:
 
 
 def _parser() -> argparse.ArgumentParser:
+    from .config import LEVELS, STRATEGIES, WEIGHTS
+
     p = argparse.ArgumentParser(prog="tile2audio", description="Label-free Tile2Vec-style audio embeddings.")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     p.add_argument("-q", "--quiet", action="store_true", help="warnings only, no progress bars")
@@ -54,7 +56,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--config", help="experiment YAML (its tiles/sampler/model/loss/train sections)")
     s.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
     s.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
-    s.add_argument("--strategy", choices=["auto", "one", "mirrored", "multiworker"])
+    s.add_argument("--strategy", choices=STRATEGIES)
     s.set_defaults(func=_train)
 
     s = sub.add_parser("embed", help="embed clips with a trained run")
@@ -63,7 +65,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="a manifest CSV, a cache directory, or audio files and folders (searched recursively)")
     s.add_argument("-o", "--output", required=True)
     s.add_argument("--skip-existing", action="store_true")
-    s.add_argument("--weights", choices=["trained", "init"], default="trained")
+    s.add_argument("--weights", choices=WEIGHTS, default="trained")
     s.add_argument("--root", help="data root overriding a manifest's root column")
     s.add_argument("--batch-size", type=int, default=128)
     s.set_defaults(func=_embed)
@@ -79,7 +81,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("embeddings")
     s.add_argument("-o", "--output", required=True)
     s.add_argument("--k", type=_k_range, help="MIN:MAX (default: cluster.k_min:k_max, 2:20)")
-    s.add_argument("--level", choices=["clip", "tile"], help="default: cluster.level (clip)")
+    s.add_argument("--level", choices=LEVELS, help="default: cluster.level (clip)")
     s.add_argument("--config", help="experiment YAML whose `cluster` section to use")
     s.add_argument("--set", action="append", default=[], metavar="cluster.KEY=VALUE")
     s.set_defaults(func=_cluster)

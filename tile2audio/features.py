@@ -51,7 +51,10 @@ INDEX_COLUMNS = [
     "label", "split", "fold", "group", "path", "root", "note",
 ]
 FAILURE_COLUMNS = ["path", "clip_id", "reason", "action"]
-_STD_FLOOR = 1e-3
+#: Floor of a band's standard deviation under ``standardize`` (a constant band stays finite).
+STD_FLOOR = 1e-3
+#: Floor of a clip's max - min under ``minmax`` (a constant clip stays finite).
+MIN_SCALE = 1e-6
 _SILENCE_DB = -80.0
 _MAX_OPEN_SHARDS = 64
 _LOCK_NAME = ".lock"
@@ -159,14 +162,14 @@ def normalize_frames(
         return x
     if params.normalize == "minmax":
         lo, hi = (float(x.min()), float(x.max())) if min_max is None else (float(min_max[0]), float(min_max[1]))
-        return (x - np.float32(lo)) / np.float32(max(hi - lo, 1e-6))
+        return (x - np.float32(lo)) / np.float32(max(hi - lo, MIN_SCALE))
     if not stats or "mean" not in stats or "std" not in stats:
         raise Tile2AudioError("normalize='standardize' needs the per-band mean and std of the training cache")
     mean = np.asarray(stats["mean"], dtype=np.float32)
     std = np.asarray(stats["std"], dtype=np.float32)
     if mean.shape != (x.shape[-1],) or std.shape != (x.shape[-1],):
         raise Tile2AudioError(f"standardize statistics have {mean.shape[0]} bands, the frames {x.shape[-1]}")
-    return (x - mean) / np.maximum(std, np.float32(_STD_FLOOR))
+    return (x - mean) / np.maximum(std, np.float32(STD_FLOOR))
 
 
 @dataclass

@@ -82,6 +82,7 @@ from .audio import loop_pad
 from .config import FeatureParams, SamplerConfig, TileConfig, TrainingConfig, frames_for
 from .datasets.schema import text_column
 from .errors import Tile2AudioError
+from .features import MIN_SCALE, STD_FLOOR
 from .rules import choose_training
 from .tiles import TileGeometry
 
@@ -92,8 +93,6 @@ __all__ = ["TripletSampler", "reference_triplets", "measure_sampler"]
 _GIB = float(2**30)
 _NO_END = 2**62  # "infinite" step range; never reached
 _N_UNIFORMS = 8  # uniforms per triplet for the index draws (fixed, so modes stay comparable)
-_MIN_SCALE = 1e-6  # floor of a clip's max - min under minmax (as in tile2audio.features)
-_STD_FLOOR = 1e-3  # floor of a band's std under standardize (as in tile2audio.features)
 
 # Pool tensors handed from the loader (py_function) to the per-batch sampler, in order.
 _POOL_FIELDS: tuple[tuple[str, tf.DType], ...] = (
@@ -369,7 +368,7 @@ class TripletSampler:
             mean = np.asarray(stats["mean"], dtype=np.float32).reshape(-1)
             if std.shape != (m,) or mean.shape != (m,):
                 raise Tile2AudioError(f"cache stats have {std.shape} / {mean.shape} bands, expected ({m},)")
-            return np.maximum(std, _STD_FLOOR), mean
+            return np.maximum(std, STD_FLOOR), mean
         return np.ones(m, np.float32), np.zeros(m, np.float32)
 
     # ------------------------------------------------------------------ pools
@@ -477,7 +476,7 @@ class TripletSampler:
             return np.ones(n, np.float32), np.zeros(n, np.float32)
         lo = self._index["min"].to_numpy(dtype=np.float64)[rows]
         hi = self._index["max"].to_numpy(dtype=np.float64)[rows]
-        return np.maximum(hi - lo, _MIN_SCALE).astype(np.float32), lo.astype(np.float32)
+        return np.maximum(hi - lo, MIN_SCALE).astype(np.float32), lo.astype(np.float32)
 
     # ------------------------------------------------------------------ graph: one batch
 
