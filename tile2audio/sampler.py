@@ -69,10 +69,8 @@ from __future__ import annotations
 
 import logging
 import math
-import resource
-import time
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import NamedTuple, Protocol, runtime_checkable
 
 import numpy as np
 import pandas as pd
@@ -88,19 +86,58 @@ from .tiles import TileGeometry
 
 log = logging.getLogger(__name__)
 
-__all__ = ["TripletSampler", "reference_triplets", "measure_sampler"]
+__all__ = ["TripletSampler", "FeatureSource", "PoolArrays"]
 
 _GIB = float(2**30)
 _NO_END = 2**62  # "infinite" step range; never reached
 _N_UNIFORMS = 8  # uniforms per triplet for the index draws (fixed, so modes stay comparable)
 
-# Pool tensors handed from the loader (py_function) to the per-batch sampler, in order.
-_POOL_FIELDS: tuple[tuple[str, tf.DType], ...] = (
-    ("offsets", tf.int32), ("lengths", tf.int32), ("rows", tf.int32), ("groups", tf.int32),
-    ("g_order", tf.int32), ("g_start", tf.int32), ("g_count", tf.int32),
-    ("l_order", tf.int32), ("l_start", tf.int32), ("l_count", tf.int32), ("l_rank", tf.int32),
-    ("s_clip", tf.float32), ("o_clip", tf.float32),
-)
+@runtime_checkable
+class FeatureSource(Protocol):
+    """What the sampler reads from a cache (a :class:`~tile2audio.features.FeatureCache`, or a test's fake)."""
+
+    index: pd.DataFrame
+    params: FeatureParams
+    stats: dict
+    shards: list
+
+    @property
+    def frames_per_second(self) -> float: ...
+
+    @property
+    def n_mels(self) -> int: ...
+
+    def shard_nbytes(self, name: str) -> int: ...
+
+    def frames_block(self, clip_ids) -> tuple[np.ndarray, np.ndarray, np.ndarray]: ...
+
+
+class PoolArrays(NamedTuple):
+    """One pool, as the loader (a ``py_function``) hands it to the per-batch sampler.
+
+    ``frames`` is (n_frames, n_mels) in the pool dtype; every other field is one value
+    per pool clip (``offsets`` ... ``l_rank``, ``s_clip``, ``o_clip``) or per block of
+    the group / label tables (see :func:`_blocks`).
+    """
+
+    frames: np.ndarray
+    offsets: np.ndarray  # int32, first frame of each clip in ``frames``
+    lengths: np.ndarray  # int32, frames of each clip (after looping short clips)
+    rows: np.ndarray  # int32, row of each clip in cache.index
+    groups: np.ndarray  # int32, group code of each clip
+    g_order: np.ndarray  # int32, clips sorted by group
+    g_start: np.ndarray  # int32, each clip's group block start in g_order
+    g_count: np.ndarray  # int32, size of that block
+    l_order: np.ndarray  # int32, clips sorted by label
+    l_start: np.ndarray  # int32
+    l_count: np.ndarray  # int32
+    l_rank: np.ndarray  # int32, each clip's rank inside its label block
+    s_clip: np.ndarray  # float32, per-clip scale of the log-domain augmentation
+    o_clip: np.ndarray  # float32, per-clip offset of the log-domain augmentation
+
+
+#: The tf dtype of every PoolArrays field but ``frames`` (whose dtype is the pool dtype).
+_POOL_DTYPES = {name: (tf.float32 if name in ("s_clip", "o_clip") else tf.int32) for name in PoolArrays._fields[1:]}
 
 
 @dataclass(frozen=True)
@@ -139,8 +176,9 @@ class TripletSampler:
 
     Parameters
     ----------
-    cache : FeatureCache
-        An open cache (:func:`tile2audio.features.open_cache`). Uses ``index``
+    cache : FeatureSource
+        An open cache (:func:`tile2audio.features.open_cache`) or anything with the
+        :class:`FeatureSource` interface. Uses ``index``
         (``clip_id``, ``shard``, ``n_frames``, ``label``, ``group``; ``min``/``max`` for
         ``minmax`` features with augmentation), ``params``, ``stats``,
         ``frames_per_second``, ``n_mels``, ``shards``, ``shard_nbytes`` and
@@ -172,7 +210,7 @@ class TripletSampler:
         Every pool loaded so far, in order.
     """
 
-    def __init__(self, cache, tiles: TileConfig, sampler: SamplerConfig, batch_size: int, seed: int,
+    def __init__(self, cache: FeatureSource, tiles: TileConfig, sampler: SamplerConfig, batch_size: int, seed: int,
                  worker_index: int = 0, num_workers: int = 1, pool_dtype: str = "float16") -> None:
         _check_args(batch_size, seed, worker_index, num_workers, pool_dtype)
         if tiles.is_auto or sampler.is_auto:
@@ -206,7 +244,7 @@ class TripletSampler:
         self._check_enough_clips()
         self._band_affine = self._band_normalisation()
         self._rounds: list[list[list[int]]] = []
-        self._preloaded: dict[int, tuple] = {}
+        self._preloaded: dict[int, PoolArrays] = {}
         self.loaded_pools: list[PoolRecord] = []
         if self.rotating:
             log.info("sampler worker %d: %.2f GiB of features > budget %.2f GiB: rotating pools every %d steps",
@@ -402,12 +440,12 @@ class TripletSampler:
 
     def _load_pool_op(self, p: tf.Tensor):
         """Graph op: load pool ``p`` with a py_function; returns (p, dict of tensors)."""
-        dtypes = [self.pool_dtype] + [d for _, d in _POOL_FIELDS]
+        dtypes = [self.pool_dtype] + [_POOL_DTYPES[name] for name in PoolArrays._fields[1:]]
         out = tf.py_function(lambda q: self._pool_arrays_once(int(q)), [p], Tout=dtypes)
         frames = out[0]
         frames.set_shape([None, self.n_mels])
         pool = {"frames": frames}
-        for (name, _), t in zip(_POOL_FIELDS, out[1:]):
+        for name, t in zip(PoolArrays._fields[1:], out[1:]):
             t.set_shape([None])
             pool[name] = t
         return p, pool
@@ -417,7 +455,7 @@ class TripletSampler:
         arrays = self._preloaded.pop(p, None)
         return list(arrays if arrays is not None else self._pool_arrays(p))
 
-    def _pool_arrays(self, p: int) -> tuple:
+    def _pool_arrays(self, p: int) -> PoolArrays:
         """Load pool ``p`` from the cache: frames, per-clip offsets/lengths and sampling tables."""
         units = [self._units[i] for i in self._pool_units(p)]
         rows = np.concatenate([u.rows for u in units])
@@ -438,9 +476,10 @@ class TripletSampler:
         log.debug("sampler worker %d loaded pool %d: %d clips, %.1f MiB", self.worker_index, p,
                   record.n_clips, record.nbytes / 2**20)
         i32 = np.int32
-        return (frames, offsets.astype(i32),
-                lengths.astype(i32), rows.astype(i32), groups.astype(i32), g_order, g_start, g_count,
-                l_order, l_start, l_count, l_rank, s_clip, o_clip)
+        return PoolArrays(frames=frames, offsets=offsets.astype(i32), lengths=lengths.astype(i32),
+                          rows=rows.astype(i32), groups=groups.astype(i32), g_order=g_order, g_start=g_start,
+                          g_count=g_count, l_order=l_order, l_start=l_start, l_count=l_count, l_rank=l_rank,
+                          s_clip=s_clip, o_clip=o_clip)
 
     def _warn_if_uniform(self, record: PoolRecord, block_count: np.ndarray) -> None:
         """Warn when a rotating pool has one group (label) only, so opposites share it."""
@@ -738,115 +777,3 @@ def _blocks(codes: np.ndarray):
     rank = np.empty(len(codes), dtype=np.int64)
     rank[order] = np.arange(len(codes))
     return (order.astype(np.int32), start.astype(np.int32), count.astype(np.int32), rank.astype(np.int32))
-
-
-# ---------------------------------------------------------------------- benchmark
-
-def reference_triplets(paths: Sequence, params: FeatureParams, geometry: TileGeometry,
-                       seed: int = 0) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """The predecessor's sampler, kept as a benchmark baseline: decode audio per triplet.
-
-    For every triplet it picks an anchor file and another file at random, decodes both
-    (:func:`tile2audio.audio.load_audio`), computes their log-mel
-    (:func:`tile2audio.features.log_mel`) and cuts an anchor tile, a neighbour tile
-    within the neighbourhood, and a random opposite tile. Slow by design.
-
-    Parameters
-    ----------
-    paths : sequence of path-like
-        At least two audio files.
-    params : FeatureParams
-        Front-end parameters.
-    geometry : TileGeometry
-        Tile and neighbourhood lengths.
-    seed : int
-        Seed of the stream.
-
-    Yields
-    ------
-    tuple of np.ndarray
-        ``(anchor, neighbour, opposite)``, each float32 (T, M) un-normalised log-mel.
-    """
-    from .audio import load_audio
-    from .features import log_mel
-
-    paths = list(paths)
-    if len(paths) < 2:
-        raise Tile2AudioError("reference_triplets needs at least two audio files")
-    rng = np.random.default_rng(seed)
-    t, hood = geometry.tile_frames, geometry.neighbourhood_frames
-
-    def frames_of(path) -> np.ndarray:
-        return loop_pad(log_mel(load_audio(path, params.sample_rate, params.channel), params), t)
-
-    while True:
-        i, j = rng.choice(len(paths), size=2, replace=False)
-        anchor_frames, other_frames = frames_of(paths[i]), frames_of(paths[j])
-        span = anchor_frames.shape[0] - t
-        a = int(rng.integers(0, span + 1))
-        n = int(rng.integers(max(0, a - hood), min(span, a + hood) + 1))
-        o = int(rng.integers(0, other_frames.shape[0] - t + 1))
-        yield (anchor_frames[a:a + t].astype(np.float32), anchor_frames[n:n + t].astype(np.float32),
-               other_frames[o:o + t].astype(np.float32))
-
-
-def measure_sampler(cache, tiles: TileConfig, sampler: SamplerConfig, batch_size: int,
-                    seconds: float = 5.0, reference_paths: Sequence | None = None,
-                    reference_seconds: float = 5.0, pool_dtype: str = "float16") -> dict:
-    """Measure triplets per second of :class:`TripletSampler` (and of the reference sampler).
-
-    Parameters
-    ----------
-    cache : FeatureCache
-        The cache to sample from.
-    tiles, sampler : TileConfig, SamplerConfig
-        Sampling settings.
-    batch_size : int
-        Triplets per batch.
-    seconds : float
-        Time spent pulling batches after the first one (pool load and tracing excluded,
-        reported as ``first_batch_s``).
-    reference_paths : sequence of path-like, optional
-        Audio files for :func:`reference_triplets`; skipped when None.
-    reference_seconds : float
-        Time spent on the reference sampler (at least one triplet).
-    pool_dtype : str
-        In-memory frame dtype, see :class:`TripletSampler`.
-
-    Returns
-    -------
-    dict
-        ``triplets_per_s``, ``reference_triplets_per_s`` and ``ratio`` (None without
-        reference paths), ``peak_rss_mb`` (peak resident memory of this process),
-        ``first_batch_s``, ``batch_size``, ``tile_shape``, ``pool_dtype``, ``rotating``.
-    """
-    ts = TripletSampler(cache, tiles, sampler, batch_size=batch_size, seed=0, pool_dtype=pool_dtype)
-    started = time.perf_counter()
-    it = iter(ts.dataset())
-    next(it)
-    first = time.perf_counter() - started
-    count, started = 0, time.perf_counter()
-    while time.perf_counter() - started < seconds:
-        next(it)
-        count += batch_size
-    rate = count / (time.perf_counter() - started)
-    ref_rate = None
-    if reference_paths is not None:
-        geometry = ts.geometry  # the sampler resolved any auto tile setting
-        gen = reference_triplets(reference_paths, cache.params, geometry, seed=0)
-        n_ref, started = 0, time.perf_counter()
-        while n_ref == 0 or time.perf_counter() - started < reference_seconds:
-            next(gen)
-            n_ref += 1
-        ref_rate = n_ref / (time.perf_counter() - started)
-    return {
-        "triplets_per_s": rate,
-        "reference_triplets_per_s": ref_rate,
-        "ratio": rate / ref_rate if ref_rate else None,
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
-        "first_batch_s": first,
-        "batch_size": int(batch_size),
-        "tile_shape": list(ts.tile_shape),
-        "pool_dtype": pool_dtype,
-        "rotating": ts.rotating,
-    }
