@@ -77,8 +77,10 @@ import pandas as pd
 import tensorflow as tf
 
 from .audio import loop_pad
+from .augment import band_mask, gain_mask, log_unit, mix_gain_mask
 from .config import FeatureParams, SamplerConfig, TileConfig, TrainingConfig, frames_for
 from .datasets.schema import text_column
+from .draws import inside_block_excluding, other_clip, outside_block, randint, two_segments
 from .errors import Tile2AudioError
 from .features import MIN_SCALE, STD_FLOOR
 from .rules import choose_training
@@ -538,21 +540,21 @@ class TripletSampler:
         """Clip positions and starts (each (3B,)) for tile2vec / tile2vec-distant."""
         g = self.geometry
         n_clips = tf.size(pool["offsets"])
-        a = _randint(u[0], n_clips)
+        a = randint(u[0], n_clips)
         span = tf.gather(pool["lengths"], a) - g.tile_frames
         if self.view:
             # Two independent crops of the clip (each augmented on its own when augment is on).
-            a_s, n_s = _randint(u[1], span + 1), _randint(u[2], span + 1)
+            a_s, n_s = randint(u[1], span + 1), randint(u[2], span + 1)
         else:
             a_s = self._anchor_start(u[1], span)
             n_s = self._neighbour_start(u[2], a_s, span)
-        o, found = _outside_block(u[3], tf.gather(pool["g_start"], a), tf.gather(pool["g_count"], a),
+        o, found = outside_block(u[3], tf.gather(pool["g_start"], a), tf.gather(pool["g_count"], a),
                                   n_clips, pool["g_order"])
-        o = tf.where(found, o, _other_clip(u[3], a, n_clips))
-        o_s = _randint(u[4], tf.gather(pool["lengths"], o) - g.tile_frames + 1)
+        o = tf.where(found, o, other_clip(u[3], a, n_clips))
+        o_s = randint(u[4], tf.gather(pool["lengths"], o) - g.tile_frames + 1)
         if distant:
             d = self.distant_frames
-            far, far_ok = _two_segments(u[6], 0, a_s - d, a_s + d, span)
+            far, far_ok = two_segments(u[6], 0, a_s - d, a_s + d, span)
             same = (u[5] < self.config.distant_prob) & far_ok
             o = tf.where(same, a, o)
             o_s = tf.where(same, far, o_s)
@@ -561,15 +563,15 @@ class TripletSampler:
     def _anchor_start(self, u: tf.Tensor, span: tf.Tensor) -> tf.Tensor:
         """Anchor starts, uniform over the starts that leave room for a neighbour >= min gap away."""
         gap = self.geometry.min_gap_frames
-        start, ok = _two_segments(u, 0, span - gap, tf.maximum(gap, span - gap + 1), span)
-        return tf.where(ok, start, _randint(u, span + 1))
+        start, ok = two_segments(u, 0, span - gap, tf.maximum(gap, span - gap + 1), span)
+        return tf.where(ok, start, randint(u, span + 1))
 
     def _neighbour_start(self, u: tf.Tensor, a_s: tf.Tensor, span: tf.Tensor) -> tf.Tensor:
         """Neighbour starts within the neighbourhood and >= min gap from the anchor (farthest if impossible)."""
         gap, hood = self.geometry.min_gap_frames, self.geometry.neighbourhood_frames
         lo = tf.maximum(a_s - hood, 0)
         hi = tf.minimum(a_s + hood, span)
-        start, ok = _two_segments(u, lo, a_s - gap, a_s + max(gap, 1), hi)
+        start, ok = two_segments(u, lo, a_s - gap, a_s + max(gap, 1), hi)
         farthest = tf.where(a_s - lo >= hi - a_s, lo, hi)
         return tf.where(ok, start, farthest)
 
@@ -577,15 +579,15 @@ class TripletSampler:
         """Clip positions and starts (each (3B,)) for the supervised mode."""
         t = self.geometry.tile_frames
         n_clips = tf.size(pool["offsets"])
-        a = _randint(u[0], n_clips)
-        a_s = _randint(u[1], tf.gather(pool["lengths"], a) - t + 1)
+        a = randint(u[0], n_clips)
+        a_s = randint(u[1], tf.gather(pool["lengths"], a) - t + 1)
         l_start, l_count = tf.gather(pool["l_start"], a), tf.gather(pool["l_count"], a)
-        n, found = _inside_block_excluding(u[2], l_start, l_count, tf.gather(pool["l_rank"], a), pool["l_order"])
+        n, found = inside_block_excluding(u[2], l_start, l_count, tf.gather(pool["l_rank"], a), pool["l_order"])
         n = tf.where(found, n, a)
-        n_s = _randint(u[3], tf.gather(pool["lengths"], n) - t + 1)
-        o, found = _outside_block(u[4], l_start, l_count, n_clips, pool["l_order"])
-        o = tf.where(found, o, _other_clip(u[4], a, n_clips))
-        o_s = _randint(u[5], tf.gather(pool["lengths"], o) - t + 1)
+        n_s = randint(u[3], tf.gather(pool["lengths"], n) - t + 1)
+        o, found = outside_block(u[4], l_start, l_count, n_clips, pool["l_order"])
+        o = tf.where(found, o, other_clip(u[4], a, n_clips))
+        o_s = randint(u[5], tf.gather(pool["lengths"], o) - t + 1)
         return tf.concat([a, n, o], 0), tf.concat([a_s, n_s, o_s], 0)
 
     def _gather_tiles(self, pool: dict, clips: tf.Tensor, starts: tf.Tensor) -> tf.Tensor:
@@ -621,12 +623,12 @@ class TripletSampler:
         scale, offset = self._affine(pool, clips)
         gain_db = tf.cast((2.0 * u[3] - 1.0) * cfg.gain_db, tf.float32)[:, None, None]
         gain = gain_db * (math.log(10.0) / 10.0 * self._log_unit()) / scale
-        keep_t = 1.0 - tf.cast(_band_mask(keys[1], cfg.time_masks, n, t, cfg.time_mask_fraction), tf.float32)
-        keep_f = 1.0 - tf.cast(_band_mask(keys[2], cfg.freq_masks, n, m, cfg.freq_mask_fraction), tf.float32)
+        keep_t = 1.0 - tf.cast(band_mask(keys[1], cfg.time_masks, n, t, cfg.time_mask_fraction), tf.float32)
+        keep_f = 1.0 - tf.cast(band_mask(keys[2], cfg.freq_masks, n, m, cfg.freq_mask_fraction), tf.float32)
         keep_t, keep_f = keep_t[:, :, None], keep_f[:, None, :]
         if cfg.mix_prob > 0:
-            return _mix_gain_mask(tiles, *self._mix_terms(u, clips, pool, scale, offset), gain, keep_t, keep_f)
-        return _gain_mask(tiles, gain, keep_t, keep_f)
+            return mix_gain_mask(tiles, *self._mix_terms(u, clips, pool, scale, offset), gain, keep_t, keep_f)
+        return gain_mask(tiles, gain, keep_t, keep_f)
 
     def _affine(self, pool: dict, clips: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
         """(scale, offset), each (n, 1, M), with raw log-mel = normalised * scale + offset."""
@@ -636,14 +638,14 @@ class TripletSampler:
         return scale, offset
 
     def _mix_terms(self, u, clips, pool, scale, offset):
-        """Partner tiles of other clips and the (n, 1, M) factors of :func:`_mix_gain_mask`.
+        """Partner tiles of other clips and the (n, 1, M) factors of :func:`~tile2audio.augment.mix_gain_mask`.
 
         With natural-log powers ``x_ln = (x * scale + offset) / unit`` the power sum is
         ``x_ln + softplus(y_ln - x_ln)``; back in normalised units that is
         ``x + softplus(partner * a - x * b + c) * k``, and ``k = 0`` leaves a tile unmixed.
         """
-        other = _other_clip(u[0], clips, tf.size(pool["offsets"]))
-        other_start = _randint(u[1], tf.gather(pool["lengths"], other) - self.geometry.tile_frames + 1)
+        other = other_clip(u[0], clips, tf.size(pool["offsets"]))
+        other_start = randint(u[1], tf.gather(pool["lengths"], other) - self.geometry.tile_frames + 1)
         partner = self._gather_tiles(pool, other, other_start)
         o_scale, o_offset = self._affine(pool, other)
         unit = self._log_unit()
@@ -653,74 +655,8 @@ class TripletSampler:
         return partner, a, b, c, chosen * unit / scale
 
     def _log_unit(self) -> float:
-        """Feature units per natural-log unit of power: 10/ln10 for dB, 1 for natural log."""
-        return 10.0 / math.log(10.0) if self.cache.params.log == "db" else 1.0
-
-
-# ---------------------------------------------------------------------- graph helpers
-
-def _randint(u: tf.Tensor, n: tf.Tensor) -> tf.Tensor:
-    """Uniform int32 in [0, n) per element from uniforms ``u`` in [0, 1); n < 1 gives 0."""
-    n = tf.maximum(tf.cast(n, tf.int32), 1)
-    k = tf.cast(tf.floor(u * tf.cast(n, tf.float64)), tf.int32)
-    return tf.minimum(k, n - 1)
-
-
-def _two_segments(u, lo, end1, start2, hi):
-    """Uniform int in [lo, end1] U [start2, hi] (end1 < start2); returns (value, non-empty)."""
-    c1 = tf.maximum(end1 - lo + 1, 0)
-    c2 = tf.maximum(hi - start2 + 1, 0)
-    k = _randint(u, c1 + c2)
-    return tf.where(k < c1, lo + k, start2 + k - c1), (c1 + c2) > 0
-
-
-def _outside_block(u, start, count, n, order):
-    """A clip outside the sorted block [start, start + count) of ``order``; returns (clip, found)."""
-    k = _randint(u, n - count)
-    pos = tf.where(k >= start, k + count, k)
-    pos = tf.minimum(pos, n - 1)  # only reached when nothing is outside (then found is False)
-    return tf.gather(order, pos), (n - count) > 0
-
-
-def _inside_block_excluding(u, start, count, rank, order):
-    """Another clip of the same sorted block (skipping position ``rank``); returns (clip, found)."""
-    pos = start + _randint(u, count - 1)
-    pos = tf.where(pos >= rank, pos + 1, pos)
-    pos = tf.minimum(pos, start + count - 1)
-    return tf.gather(order, pos), count > 1
-
-
-def _other_clip(u, clip, n):
-    """A clip position other than ``clip`` (``clip`` itself when the pool has one clip)."""
-    k = _randint(u, n - 1)
-    return tf.where(n > 1, tf.where(k >= clip, k + 1, k), clip)
-
-
-def _band_mask(key, count: int, n: int, size: int, fraction: float) -> tf.Tensor:
-    """SpecAugment mask (n, size): ``count`` bands per row, each up to fraction*size wide."""
-    widest = int(math.floor(fraction * size))
-    if count <= 0 or widest <= 0:
-        return tf.zeros([n, size], tf.bool)
-    u = tf.random.stateless_uniform([2, count, n], seed=key, dtype=tf.float64)
-    width = _randint(u[0], widest + 1)
-    start = _randint(u[1], size - width + 1)
-    pos = tf.range(size, dtype=tf.int32)
-    inside = (pos >= start[..., None]) & (pos < (start + width)[..., None])
-    return tf.reduce_any(inside, axis=0)
-
-
-@tf.function(jit_compile=True)
-def _gain_mask(x, gain, keep_t, keep_f):
-    """Add the gain, then set masked cells to the tile mean (one fused XLA loop)."""
-    x = x + gain
-    fill = tf.reduce_mean(x, axis=[1, 2], keepdims=True)
-    return fill + (x - fill) * (keep_t * keep_f)
-
-
-@tf.function(jit_compile=True)
-def _mix_gain_mask(x, partner, a, b, c, k, gain, keep_t, keep_f):
-    """Power-sum mix with ``partner`` (see ``_mix_terms``), then gain and masks."""
-    return _gain_mask(x + tf.math.softplus(partner * a - x * b + c) * k, gain, keep_t, keep_f)
+        """Feature units per natural-log unit of power (see :func:`tile2audio.augment.log_unit`)."""
+        return log_unit(self.cache.params.log)
 
 
 # ---------------------------------------------------------------------- index helpers
