@@ -21,10 +21,10 @@ import numpy as np
 
 from tile2audio import atomic
 from tile2audio.config import ProbeConfig, load_experiment
-from tile2audio.embed import embed_frames, from_clip_matrix, pool_tiles, run_inputs
+from tile2audio.embed import embed_frames, from_clip_matrix, pool_tiles
 from tile2audio.features import normalize_frames, open_cache
 from tile2audio.probes import run_probes
-from tile2audio.train import load_encoder
+from tile2audio.runs import open_run
 
 WEIGHTS = ("trained", "init")
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -33,10 +33,11 @@ RESULTS = Path(__file__).resolve().parent / "results"
 def layer_matrices(trial: Path, layers: list[str], cache) -> dict[tuple[str, str], np.ndarray]:
     """(n_clips, 2 * layer size) mean+std pooled matrices, one per (weights, layer)."""
     run = trial / "run"
-    _, params, stats, geometry = run_inputs(run)
+    opened = open_run(run)
+    params, stats, geometry = opened.features, opened.stats, opened.geometry
     models = {}
     for weights in WEIGHTS:
-        encoder = load_encoder(run, weights)
+        encoder = opened.encoder(weights)
         for name in layers:
             models[weights, name] = keras.Model(encoder.input, encoder.get_layer(name).output)
     rows = {key: [] for key in models}

@@ -30,8 +30,8 @@ import numpy as np
 
 from tile2audio import atomic
 from tile2audio.config import load_experiment, to_dict
-from tile2audio.pipeline import _fingerprints, _Stages, run_experiment
-from tile2audio.train import read_run
+from tile2audio.pipeline import ExperimentLayout, Stages, run_experiment, stage_fingerprints
+from tile2audio.runs import read_run
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -40,13 +40,14 @@ BEGIN, END = "<!-- trials:begin -->", "<!-- trials:end -->"
 
 def reuse_cache(cfg, out: Path, other: Path) -> bool:
     """Hard-link ``other``'s manifest and cache into ``out`` if its fingerprints match."""
-    fps, done = _fingerprints(cfg), _Stages(other).done
+    fps, done = stage_fingerprints(cfg), Stages(other).done
     if out.exists() or any(done.get(s) != fps[s] for s in ("manifest", "features")):
         return False
+    mine, theirs = ExperimentLayout(out), ExperimentLayout(other)
     out.mkdir(parents=True)
-    shutil.copy2(other / "manifest.csv", out / "manifest.csv")
-    shutil.copytree(other / "cache", out / "cache", copy_function=os.link)
-    stages = _Stages(out)
+    shutil.copy2(theirs.manifest, mine.manifest)
+    shutil.copytree(theirs.cache, mine.cache, copy_function=os.link)
+    stages = Stages(out)
     for s in ("manifest", "features"):
         stages.mark(s, fps[s])
     return True
@@ -65,18 +66,19 @@ def run_trial(name: str, experiment: str, overrides: list[str], note: str = "", 
         print(f"not reusing {reuse}: other data or feature settings, or {out} exists")
     started = time.time()
     run_experiment(cfg, out, progress=False)
-    probe = json.loads((out / "probe" / "probe.json").read_text())
+    layout = ExperimentLayout(out)
+    probe = json.loads(layout.probe_json.read_text())
     rows = [r for r in probe["rows"] if r["probe"] == "logreg"]
     record = {
         "name": name, "experiment": Path(experiment).stem, "overrides": overrides, "note": note,
         "recorded": round(time.time()),
-        "train_seconds": read_run(out / "run").get("train_seconds"),
+        "train_seconds": read_run(layout.run).get("train_seconds"),
         "wall_seconds": round(time.time() - started, 1),
         "protocol": probe.get("protocol"),
         "results": {r["kind"]: {k: r[k] for k in ("accuracy", "accuracy_std", "macro_f1", "macro_f1_std")}
                     for r in rows},
         "config": to_dict(cfg),
-        "auto": read_run(out / "run").get("auto", {}),
+        "auto": read_run(layout.run).get("auto", {}),
     }
     if write:
         atomic.write_json(RESULTS / f"{name}.json", record)

@@ -402,7 +402,7 @@ def test_embed_refuses_non_finite_weights(tiny_run, tiny_cache, tmp_path):
     import keras
 
     from tile2audio.embed import embed
-    from tile2audio.train import load_encoder, save_keras_atomic
+    from tile2audio.runs import load_encoder, save_keras_atomic
 
     run = tmp_path / "run"
     shutil.copytree(tiny_run, run)

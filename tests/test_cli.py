@@ -50,3 +50,24 @@ def test_bench_passes_baseline_and_encoders(monkeypatch, capsys):
     calls.clear()
     assert main(["bench", "all"]) == 0
     assert calls[0][1]["baseline"] is False and calls[0][1]["encoders"] == ["cnn", "crnn", "resnet18"]
+
+
+def test_cluster_takes_config_and_set_and_k_level_win(monkeypatch, tmp_path, capsys):
+    import tile2audio.clusters
+    import tile2audio.embed
+    from tile2audio.config import ClusterConfig
+
+    seen = []
+    monkeypatch.setattr(tile2audio.embed, "load_embeddings", lambda path: path)
+    monkeypatch.setattr(tile2audio.clusters, "cluster_embeddings",
+                        lambda emb, cfg, out: seen.append(cfg) or {"chosen": 3})
+    assert main(["cluster", "emb", "-o", str(tmp_path)]) == 0
+    assert seen[-1] == ClusterConfig()
+    cfg = tmp_path / "exp.yaml"
+    cfg.write_text("cluster:\n  k_max: 9\n  level: tile\n", encoding="utf-8")
+    assert main(["cluster", "emb", "-o", str(tmp_path), "--config", str(cfg), "--set", "cluster.seed=4"]) == 0
+    assert (seen[-1].k_min, seen[-1].k_max, seen[-1].level, seen[-1].seed) == (2, 9, "tile", 4)
+    assert main(["cluster", "emb", "-o", str(tmp_path), "--config", str(cfg), "--k", "3:5", "--level", "clip"]) == 0
+    assert (seen[-1].k_min, seen[-1].k_max, seen[-1].level) == (3, 5, "clip")
+    assert main(["cluster", "emb", "-o", str(tmp_path), "--set", "cluster.nope=1"]) == 2
+    assert '"chosen_k": 3' in capsys.readouterr().out

@@ -85,3 +85,32 @@ def test_training_accepts_experiment_sections(tmp_path):
     path.write_text("name: e\ndata: {source: synthetic}\nprobe: {n_splits: 3}\nmodel: {encoder: crnn}\n")
     assert load_training(path).model.encoder == "crnn"
     assert ExperimentConfig().features.frames_per_second == pytest.approx(22050 / 512)
+
+
+@pytest.mark.parametrize("name", ["distant_prob", "mix_prob", "time_mask_fraction", "freq_mask_fraction"])
+@pytest.mark.parametrize("value", [-0.1, 1.5])
+def test_sampler_probabilities_and_mask_fractions_are_checked(name, value):
+    from tile2audio.config import SamplerConfig
+
+    with pytest.raises(Tile2AudioError, match=rf"sampler.{name} must be in \[0, 1\]"):
+        SamplerConfig(**{name: value})
+    SamplerConfig(**{name: 1.0})  # the ends are allowed
+
+
+@pytest.mark.parametrize("field, value", [("kernel_size", 0), ("frame_units", -1), ("dropout", 1.0)])
+def test_model_fields_are_checked_by_the_config(field, value):
+    from tile2audio.config import ModelConfig
+
+    with pytest.raises(Tile2AudioError, match=rf"model.{field} must be"):
+        ModelConfig(**{field: value})
+
+
+def test_choices_live_in_config():
+    import tile2audio.losses as losses
+    from tile2audio import cli, config, features, sampler
+
+    assert losses.DISTANCES is config.DISTANCES and losses.NEGATIVES is config.NEGATIVES
+    assert sampler.STD_FLOOR is features.STD_FLOOR and sampler.MIN_SCALE is features.MIN_SCALE
+    actions = {a.dest: a for p in cli._parser()._subparsers._group_actions[0].choices.values() for a in p._actions}
+    assert tuple(actions["strategy"].choices) == config.STRATEGIES
+    assert tuple(actions["weights"].choices) == config.WEIGHTS

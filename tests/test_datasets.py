@@ -471,3 +471,15 @@ def test_real_emotify30_folder():
     assert len(df) == 400
     assert df["label"].nunique() == 4
     assert not df["path"].str.endswith(".csv").any()
+
+
+def test_text_column_and_group_or_self():
+    from tile2audio.datasets.schema import OWN_GROUP_PREFIX, group_or_self, text_column
+
+    t = pd.DataFrame({"clip_id": ["a", "b", "c"], "group": [" g ", None, ""]})
+    assert list(text_column(t, "group")) == [" g ", "", ""]
+    assert list(text_column(t, "group", strip=True)) == ["g", "", ""]
+    assert list(text_column(t, "label")) == ["", "", ""]
+    groups = group_or_self(text_column(t, "group", strip=True), t["clip_id"])
+    assert list(groups) == ["g", OWN_GROUP_PREFIX + "b", OWN_GROUP_PREFIX + "c"]
+    assert list(group_or_self(["x", ""], ["a", "x"], prefix="")) == ["x", "x"]

@@ -38,7 +38,7 @@ def test_embed_cache_writes_tiles_and_clip_matrices(tiny_run, tiny_cache, tmp_pa
 def test_one_line_api_on_audio_files(tiny_run, tiny_dataset, tmp_path, write_audio, tone_fn):
     stereo = write_audio(tmp_path / "stereo44k.wav", tone_fn(2.0, sr=44100, channels=2), sr=44100)
     short = write_audio(tmp_path / "short.wav", tone_fn(0.1, sr=8000), sr=8000)
-    emb = tile2audio.embed(tiny_run, [stereo, short], progress=False)
+    emb = tile2audio.embed_audio(tiny_run, [stereo, short], progress=False)
     assert list(emb.clips["clip_id"]) == ["stereo44k", "short"]
     assert emb.pooled("mean").shape == (2, 8)
     # The front end loops a clip shorter than features.min_seconds (1 s) up to 1 s.
@@ -78,3 +78,22 @@ def test_pooling_and_file_names():
     assert p["max"].tolist() == [2.0, 4.0]
     assert safe_file_name("rock/track 1") != safe_file_name("rock_track 1")
     assert "/" not in safe_file_name("a/b") and safe_file_name("plain-id") == "plain-id"
+
+
+def test_tile2audio_embed_is_the_module_and_embed_audio_the_function():
+    import types
+
+    import tile2audio.embed as module
+
+    assert isinstance(tile2audio.embed, types.ModuleType) and tile2audio.embed is module
+    assert not callable(tile2audio.embed) and callable(tile2audio.embed_audio)
+
+
+def test_label_free_result_is_false_for_supervised_kind():
+    from tile2audio.embed import from_clip_matrix
+
+    clips = pd.DataFrame({"clip_id": ["a", "b"], "label": ["x", "y"]})
+    m = np.zeros((2, 3), np.float32)
+    assert from_clip_matrix(clips, m, "t", kind="trained").label_free_result
+    assert not from_clip_matrix(clips, m, "s", kind="supervised").label_free_result
+    assert not from_clip_matrix(clips, m, "l", kind="trained", label_free=False).label_free_result

@@ -153,7 +153,8 @@ def test_czech_configs_follow_the_paper(monkeypatch, tmp_path):
 
 @pytest.mark.parametrize("path", YAMLS, ids=_ids(YAMLS))
 def test_config_trains_one_step(path, monkeypatch, tmp_path_factory, caches):
-    from tile2audio.train import read_run, train
+    from tile2audio.runs import read_run
+    from tile2audio.train import train
 
     cfg = _load(path, monkeypatch, tmp_path_factory.mktemp("env"))
     tiny = _tiny_training(cfg)

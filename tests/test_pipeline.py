@@ -62,3 +62,20 @@ def test_dry_run_runs_nothing(tmp_path, capsys):
     assert [s for s, ok in steps if ok] == []
     assert not (tmp_path / "x").exists()
     assert "tiles:" in capsys.readouterr().out
+
+
+def test_experiment_layout_and_training_fingerprint(tmp_path):
+    from tile2audio.config import load_experiment, to_dict
+    from tile2audio.pipeline import STAGE_FUNCTIONS, STAGES, ExperimentLayout, stage_fingerprints
+
+    layout = ExperimentLayout(str(tmp_path))
+    assert layout.outputs("embed") == [tmp_path / "run" / "embeddings" / "trained" / "clip_embeddings.npz",
+                                       tmp_path / "run" / "embeddings" / "random" / "clip_embeddings.npz"]
+    assert layout.outputs("report") == [tmp_path / "report" / "report.md"] and layout.stages_file.parent == tmp_path
+    assert tuple(STAGE_FUNCTIONS) == STAGES
+    base = stage_fingerprints(load_experiment(None, []))
+    for section in to_dict(load_experiment(None, []).training):
+        key = {"tiles": "tile_seconds=2", "sampler": "clip_fraction=0.5", "model": "embedding_dim=16",
+               "loss": "margin=0.3", "train": "seed=7"}[section]
+        changed = stage_fingerprints(load_experiment(None, [f"{section}.{key}"]))
+        assert changed["features"] == base["features"] and changed["train"] != base["train"], section

@@ -13,7 +13,8 @@ from tile2audio import cli
 from tile2audio.config import load_training
 from tile2audio.embed import embed, load_embeddings
 from tile2audio.errors import Tile2AudioError
-from tile2audio.train import load_run_config, read_run, train
+from tile2audio.runs import load_run_config, read_run
+from tile2audio.train import train
 
 
 def _cfg(*extra: str):

@@ -12,7 +12,8 @@ tf = pytest.importorskip("tensorflow")
 
 from tile2audio import Tile2AudioError  # noqa: E402
 from tile2audio.config import FeatureParams, SamplerConfig, TileConfig  # noqa: E402
-from tile2audio.sampler import TripletSampler, measure_sampler  # noqa: E402
+from tile2audio.bench import measure_sampler  # noqa: E402
+from tile2audio.sampler import TripletSampler  # noqa: E402
 
 FPS = 40.0  # 16 kHz / hop 400
 def _sampler(**kw) -> "SamplerConfig":
@@ -402,3 +403,16 @@ def test_clip_fraction_draws_from_a_seeded_subset_only():
     assert set(_cat(_batches(again, 4), "anchor_clip")) <= seen
     with pytest.raises(Tile2AudioError, match="clip_fraction"):
         _sampler(clip_fraction=0.0)
+
+
+def test_fake_and_real_caches_are_feature_sources_and_pools_are_named(tiny_cache):
+    from tile2audio.features import open_cache
+    from tile2audio.sampler import FeatureSource, PoolArrays
+
+    fake = FakeCache([40, 50, 60], labels=["a", "b", "a"])
+    assert isinstance(fake, FeatureSource) and isinstance(open_cache(tiny_cache), FeatureSource)
+    assert not isinstance(object(), FeatureSource)
+    ts = TripletSampler(fake, TILES, _sampler(), batch_size=4, seed=0)
+    pool = ts._pool_arrays(0)
+    assert isinstance(pool, PoolArrays) and len(pool.offsets) == len(pool.rows) == 3
+    assert pool.frames.shape[1] == fake.n_mels and pool.s_clip.dtype == np.float32

@@ -17,7 +17,8 @@ from tile2audio.config import load_training
 from tile2audio.errors import Tile2AudioError
 from tile2audio.features import open_cache
 from tile2audio.rules import choose_training
-from tile2audio.train import load_encoder, read_run, resolve_precision, run_name, train
+from tile2audio.runs import load_encoder, read_run
+from tile2audio.train import resolve_precision, run_name, train
 
 
 def _cfg(*extra):
@@ -120,3 +121,31 @@ def test_probe_callback_logs_accuracy_and_collapse_warns(tiny_cache, tmp_path, c
     log = pd.read_csv(run / "log.csv")
     assert log["probe_accuracy"].between(0, 1).all() and len(log) == 2
     assert any("collapsing" in r.getMessage() for r in caplog.records)
+
+
+def test_keras_compatibility_block():
+    """The private Keras / TensorFlow hooks train.py relies on still exist, within setup.cfg's bounds."""
+    import configparser
+    from pathlib import Path
+
+    import tensorflow as tf
+    from packaging.requirements import Requirement
+    from packaging.version import Version
+
+    from tile2audio import train as train_module
+
+    cfg = configparser.ConfigParser()
+    cfg.read(Path(__file__).resolve().parents[1] / "setup.cfg")
+    (req,) = [Requirement(r) for r in cfg["options"]["install_requires"].split("\n") if r.strip().startswith("keras")]
+    assert any(s.operator == "<" for s in req.specifier), "keras needs an upper bound in setup.cfg"
+    assert req.specifier.contains(keras.__version__), f"keras {keras.__version__} is outside {req.specifier}"
+    low, high = (Version(v) for v in train_module.KERAS_CHECKED)
+    assert low <= Version(keras.__version__) <= high, "update KERAS_CHECKED after checking this Keras version"
+    # The overridden private method must still be a Keras method with the same arguments.
+    import inspect
+
+    params = list(inspect.signature(keras.Model._maybe_symbolic_build).parameters)
+    assert params == ["self", "iterator", "data_batch"]
+    assert "_maybe_symbolic_build" in vars(train_module._PrebuiltModel)
+    assert hasattr(tf.distribute.get_strategy().extended, "_in_multi_worker_mode")
+    assert train_module._in_multi_worker_mode(tf.distribute.get_strategy()) is False

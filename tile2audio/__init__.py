@@ -16,13 +16,22 @@ import logging
 from .errors import Tile2AudioError
 
 __version__ = "0.1.0"
-__all__ = ["Tile2AudioError", "__version__", "embed"]
+__all__ = ["Tile2AudioError", "__version__", "embed_audio"]
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 
 
-def embed(run_dir, paths, **kwargs):
+def embed_audio(run_dir, paths, **kwargs):
     """Embed audio files, a manifest or a cache with a trained run; see :func:`tile2audio.embed.embed`."""
-    from .embed import embed as _embed
+    from .embed import embed
 
-    return _embed(run_dir, paths, **kwargs)
+    return embed(run_dir, paths, **kwargs)
+
+
+def __getattr__(name):
+    # ``tile2audio.embed`` is the module; importing it on first use keeps ``import tile2audio`` light.
+    if name == "embed":
+        import importlib
+
+        return importlib.import_module(f"{__name__}.embed")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -9,7 +9,7 @@ Measures, on the built-in synthetic demo data (or a folder of labelled audio):
     The top-level ``clips_per_s`` / ``realtime_factor`` are the all-cores figures (what
     ``tile2audio features`` does by default).
 ``sampler``
-    :func:`tile2audio.sampler.measure_sampler`: triplets per second of the tf.data
+    :func:`measure_sampler`: triplets per second of the tf.data
     sampler, of the reference sampler that decodes audio per triplet in Python (the
     predecessor's design), and their ratio.
 ``train``
@@ -66,11 +66,15 @@ from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 from . import atomic
 from .config import ExperimentConfig, FeatureParams, TrainingConfig, to_dict
 from .errors import Tile2AudioError
+
+if TYPE_CHECKING:
+    from .config import SamplerConfig, TileConfig
+    from .tiles import TileGeometry
 
 WHAT = ("features", "sampler", "train", "all")
 ENCODERS = ("cnn", "crnn", "resnet18")
@@ -329,11 +333,126 @@ def _cache_stage(manifest: Path, out: Path, params: FeatureParams) -> dict:
 # --------------------------------------------------------------------------- sampler
 
 
+def reference_triplets(paths: Sequence, params: FeatureParams, geometry: "TileGeometry",
+                       seed: int = 0) -> Iterator[tuple]:
+    """The predecessor's sampler, kept as a benchmark baseline: decode audio per triplet.
+
+    For every triplet it picks an anchor file and another file at random, decodes both
+    (:func:`tile2audio.audio.load_audio`), computes their log-mel
+    (:func:`tile2audio.features.log_mel`) and cuts an anchor tile, a neighbour tile
+    within the neighbourhood, and a random opposite tile. Slow by design.
+
+    Parameters
+    ----------
+    paths : sequence of path-like
+        At least two audio files.
+    params : FeatureParams
+        Front-end parameters.
+    geometry : TileGeometry
+        Tile and neighbourhood lengths.
+    seed : int
+        Seed of the stream.
+
+    Yields
+    ------
+    tuple of np.ndarray
+        ``(anchor, neighbour, opposite)``, each float32 (T, M) un-normalised log-mel.
+    """
+    import numpy as np
+
+    from .audio import load_audio, loop_pad
+    from .features import log_mel
+
+    paths = list(paths)
+    if len(paths) < 2:
+        raise Tile2AudioError("reference_triplets needs at least two audio files")
+    rng = np.random.default_rng(seed)
+    t, hood = geometry.tile_frames, geometry.neighbourhood_frames
+
+    def frames_of(path) -> np.ndarray:
+        return loop_pad(log_mel(load_audio(path, params.sample_rate, params.channel), params), t)
+
+    while True:
+        i, j = rng.choice(len(paths), size=2, replace=False)
+        anchor_frames, other_frames = frames_of(paths[i]), frames_of(paths[j])
+        span = anchor_frames.shape[0] - t
+        a = int(rng.integers(0, span + 1))
+        n = int(rng.integers(max(0, a - hood), min(span, a + hood) + 1))
+        o = int(rng.integers(0, other_frames.shape[0] - t + 1))
+        yield (anchor_frames[a:a + t].astype(np.float32), anchor_frames[n:n + t].astype(np.float32),
+               other_frames[o:o + t].astype(np.float32))
+
+
+def measure_sampler(cache, tiles: "TileConfig", sampler: "SamplerConfig", batch_size: int,
+                    seconds: float = 5.0, reference_paths: Sequence | None = None,
+                    reference_seconds: float = 5.0, pool_dtype: str = "float16") -> dict:
+    """Measure triplets per second of :class:`TripletSampler` (and of the reference sampler).
+
+    Parameters
+    ----------
+    cache : FeatureCache
+        The cache to sample from.
+    tiles, sampler : TileConfig, SamplerConfig
+        Sampling settings.
+    batch_size : int
+        Triplets per batch.
+    seconds : float
+        Time spent pulling batches after the first one (pool load and tracing excluded,
+        reported as ``first_batch_s``).
+    reference_paths : sequence of path-like, optional
+        Audio files for :func:`reference_triplets`; skipped when None.
+    reference_seconds : float
+        Time spent on the reference sampler (at least one triplet).
+    pool_dtype : str
+        In-memory frame dtype, see :class:`TripletSampler`.
+
+    Returns
+    -------
+    dict
+        ``triplets_per_s``, ``reference_triplets_per_s`` and ``ratio`` (None without
+        reference paths), ``peak_rss_mb`` (peak resident memory of this process),
+        ``first_batch_s``, ``batch_size``, ``tile_shape``, ``pool_dtype``, ``rotating``.
+    """
+    import resource
+
+    from .sampler import TripletSampler
+
+    ts = TripletSampler(cache, tiles, sampler, batch_size=batch_size, seed=0, pool_dtype=pool_dtype)
+    started = time.perf_counter()
+    it = iter(ts.dataset())
+    next(it)
+    first = time.perf_counter() - started
+    count, started = 0, time.perf_counter()
+    while time.perf_counter() - started < seconds:
+        next(it)
+        count += batch_size
+    rate = count / (time.perf_counter() - started)
+    ref_rate = None
+    if reference_paths is not None:
+        geometry = ts.geometry  # the sampler resolved any auto tile setting
+        gen = reference_triplets(reference_paths, cache.params, geometry, seed=0)
+        n_ref, started = 0, time.perf_counter()
+        while n_ref == 0 or time.perf_counter() - started < reference_seconds:
+            next(gen)
+            n_ref += 1
+        ref_rate = n_ref / (time.perf_counter() - started)
+    return {
+        "triplets_per_s": rate,
+        "reference_triplets_per_s": ref_rate,
+        "ratio": rate / ref_rate if ref_rate else None,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
+        "first_batch_s": first,
+        "batch_size": int(batch_size),
+        "tile_shape": list(ts.tile_shape),
+        "pool_dtype": pool_dtype,
+        "rotating": ts.rotating,
+    }
+
+
 def _sampler_stage(cache_dir: str, training: TrainingConfig, manifest: Path, seconds: float) -> dict:
     """measure_sampler on the cache, with the per-triplet-decoding reference."""
     from .datasets import read_manifest, resolve_paths
     from .features import extract_clip, open_cache
-    from .sampler import measure_sampler
 
     paths = resolve_paths(read_manifest(manifest))
     cache = open_cache(cache_dir)

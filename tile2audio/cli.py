@@ -23,6 +23,8 @@ def _k_range(text: str) -> tuple[int, int]:
 
 
 def _parser() -> argparse.ArgumentParser:
+    from .config import LEVELS, STRATEGIES, WEIGHTS
+
     p = argparse.ArgumentParser(prog="tile2audio", description="Label-free Tile2Vec-style audio embeddings.")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     p.add_argument("-q", "--quiet", action="store_true", help="warnings only, no progress bars")
@@ -36,6 +38,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--subset", default="small", choices=["small", "medium", "large"], help="fma subset")
     for col in ("path", "label", "split", "fold", "group", "clip-id"):
         s.add_argument(f"--{col}-column", help=f"csv: column holding the {col.replace('-', ' ')}")
+    s.set_defaults(func=_manifest)
 
     s = sub.add_parser("features", help="extract log-mel features into a cache")
     s.add_argument("manifest")
@@ -45,6 +48,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--config", help="experiment YAML whose `features` section to use")
     s.add_argument("--set", action="append", default=[], metavar="features.KEY=VALUE")
     s.add_argument("--overwrite", action="store_true", help="replace a cache made with other settings")
+    s.set_defaults(func=_features)
 
     s = sub.add_parser("train", help="train an encoder without labels")
     s.add_argument("--cache", required=True)
@@ -52,7 +56,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--config", help="experiment YAML (its tiles/sampler/model/loss/train sections)")
     s.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
     s.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
-    s.add_argument("--strategy", choices=["auto", "one", "mirrored", "multiworker"])
+    s.add_argument("--strategy", choices=STRATEGIES)
+    s.set_defaults(func=_train)
 
     s = sub.add_parser("embed", help="embed clips with a trained run")
     s.add_argument("run_dir")
@@ -60,37 +65,45 @@ def _parser() -> argparse.ArgumentParser:
                    help="a manifest CSV, a cache directory, or audio files and folders (searched recursively)")
     s.add_argument("-o", "--output", required=True)
     s.add_argument("--skip-existing", action="store_true")
-    s.add_argument("--weights", choices=["trained", "init"], default="trained")
+    s.add_argument("--weights", choices=WEIGHTS, default="trained")
     s.add_argument("--root", help="data root overriding a manifest's root column")
     s.add_argument("--batch-size", type=int, default=128)
+    s.set_defaults(func=_embed)
 
     s = sub.add_parser("probe", help="linear / k-NN probes of embedding directories")
     s.add_argument("embeddings", nargs="+", help="embedding directories (the first defines the clips)")
     s.add_argument("-o", "--output", required=True)
     s.add_argument("--config", help="experiment YAML whose `probe` section to use")
     s.add_argument("--set", action="append", default=[], metavar="probe.KEY=VALUE")
+    s.set_defaults(func=_probe)
 
     s = sub.add_parser("cluster", help="k-means cluster-count analysis")
     s.add_argument("embeddings")
     s.add_argument("-o", "--output", required=True)
-    s.add_argument("--k", type=_k_range, default=(2, 20), help="MIN:MAX (default 2:20)")
-    s.add_argument("--level", choices=["clip", "tile"], default="clip")
+    s.add_argument("--k", type=_k_range, help="MIN:MAX (default: cluster.k_min:k_max, 2:20)")
+    s.add_argument("--level", choices=LEVELS, help="default: cluster.level (clip)")
+    s.add_argument("--config", help="experiment YAML whose `cluster` section to use")
+    s.add_argument("--set", action="append", default=[], metavar="cluster.KEY=VALUE")
+    s.set_defaults(func=_cluster)
 
     s = sub.add_parser("report", help="probe tables, k-means and figures for runs")
     s.add_argument("run_dirs", nargs="+")
     s.add_argument("-o", "--output", required=True)
     s.add_argument("--config", help="experiment YAML whose probe/cluster sections to use")
     s.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    s.set_defaults(func=_report)
 
     s = sub.add_parser("run", help="manifest -> features -> train -> embed -> probe -> cluster -> report")
     s.add_argument("experiment", help="experiment YAML")
     s.add_argument("-o", "--output", help="output folder (default: runs/<name>)")
     s.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
     s.add_argument("--dry-run", action="store_true", help="print the resolved config and the stages to run")
+    s.set_defaults(func=_run_experiment)
 
     s = sub.add_parser("demo", help="the whole pipeline on built-in synthetic data")
     s.add_argument("-o", "--output", default="tile2audio-demo")
     s.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    s.set_defaults(func=_demo)
 
     s = sub.add_parser("bench", help="speed benchmarks (JSON)")
     s.add_argument("what", choices=["features", "sampler", "train", "all"])
@@ -100,6 +113,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--baseline", action="store_true",
                    help="train: also time each encoder built the old way (float32, unfused batch norm)")
     s.add_argument("--encoders", default="cnn,crnn,resnet18", help="train: comma-separated encoders")
+    s.set_defaults(func=_bench)
     return p
 
 
@@ -110,85 +124,113 @@ def _sections(path: str | None, overrides: list[str]):
     return load_experiment(path, overrides)
 
 
+# One function per sub-command: parse nothing, call one public function, print its result.
+
+
+def _manifest(args: argparse.Namespace, progress: bool) -> None:
+    from .datasets import build_manifest, write_manifest
+
+    options = {k: v for k, v in {
+        "split_dir": args.split_dir,
+        "path_column": args.path_column, "label_column": args.label_column,
+        "split_column": args.split_column, "fold_column": args.fold_column,
+        "group_column": args.group_column, "clip_id_column": args.clip_id_column,
+    }.items() if v is not None}
+    if args.source == "fma":
+        options["subset"] = args.subset
+    df = build_manifest(args.source, args.root, **options)
+    write_manifest(df, args.output)
+    labels = df["label"][df["label"] != ""]
+    print(f"{args.output}: {len(df)} clips, {labels.nunique()} labels")
+
+
+def _features(args: argparse.Namespace, progress: bool) -> None:
+    from .features import build_cache
+
+    cfg = _sections(args.config, args.set)
+    cache = build_cache(args.manifest, args.output, cfg.features, root=args.root, jobs=args.jobs,
+                        progress=progress, overwrite=args.overwrite)
+    print(f"{cache.path}: {len(cache.index)} clips cached, {len(cache.failures)} problems "
+          f"(see failures.csv)")
+
+
+def _train(args: argparse.Namespace, progress: bool) -> None:
+    from .config import load_training
+    from .train import train
+
+    run_dir = train(args.cache, args.output, load_training(args.config, args.set), resume=args.resume,
+                    strategy=args.strategy, progress=progress)
+    print(run_dir)
+
+
+def _embed(args: argparse.Namespace, progress: bool) -> None:
+    from .embed import embed
+
+    inputs = args.inputs[0] if len(args.inputs) == 1 else args.inputs
+    emb = embed(args.run_dir, inputs, args.output, weights=args.weights, skip_existing=args.skip_existing,
+                batch_size=args.batch_size, root=args.root, progress=progress)
+    print(f"{args.output}: {len(emb.clips)} clips, dim {emb.meta['dim']}")
+
+
+def _probe(args: argparse.Namespace, progress: bool) -> None:
+    from .probes import probe_directories
+
+    cfg = _sections(args.config, args.set)
+    result = probe_directories(args.embeddings, args.output, cfg.probe, progress=progress)
+    print(json.dumps([{k: r[k] for k in ("name", "kind", "probe", "accuracy", "macro_f1")}
+                      for r in result["rows"]], indent=1))
+
+
+def _cluster(args: argparse.Namespace, progress: bool) -> None:
+    from dataclasses import replace
+
+    from .clusters import cluster_embeddings
+    from .embed import load_embeddings
+
+    cfg = _sections(args.config, args.set).cluster
+    # --k and --level, when given, win over the config (as --set would).
+    given = {"k_min": args.k[0], "k_max": args.k[1]} if args.k else {}
+    if args.level:
+        given["level"] = args.level
+    cfg = replace(cfg, **given)
+    result = cluster_embeddings(load_embeddings(args.embeddings), cfg, args.output)
+    print(json.dumps({"chosen_k": result["chosen"], "at_n_classes": result.get("at_n_classes")}, indent=1))
+
+
+def _report(args: argparse.Namespace, progress: bool) -> None:
+    from .pipeline import report_runs
+
+    cfg = _sections(args.config, args.set)
+    print(report_runs(args.run_dirs, args.output, cfg, progress=progress))
+
+
+def _run_experiment(args: argparse.Namespace, progress: bool) -> None:
+    from .config import load_experiment
+    from .pipeline import run_experiment
+
+    cfg = load_experiment(args.experiment, args.set)
+    out = args.output or os.path.join("runs", cfg.name)
+    result = run_experiment(cfg, out, dry_run=args.dry_run, progress=progress)
+    if not args.dry_run:
+        print(result)
+
+
+def _demo(args: argparse.Namespace, progress: bool) -> None:
+    from .pipeline import demo
+
+    print(demo(args.output, overrides=args.set, progress=progress))
+
+
+def _bench(args: argparse.Namespace, progress: bool) -> None:
+    from .bench import run_bench
+
+    result = run_bench(args.what, data=args.data, seconds=args.seconds, json_path=args.json,
+                       baseline=args.baseline, encoders=[e for e in args.encoders.split(",") if e])
+    print(json.dumps(result, indent=2))
+
+
 def _run(args: argparse.Namespace) -> int:
-    progress = not args.quiet
-    cmd = args.command
-    if cmd == "manifest":
-        from .datasets import build_manifest, write_manifest
-
-        options = {k: v for k, v in {
-            "split_dir": args.split_dir,
-            "path_column": args.path_column, "label_column": args.label_column,
-            "split_column": args.split_column, "fold_column": args.fold_column,
-            "group_column": args.group_column, "clip_id_column": args.clip_id_column,
-        }.items() if v is not None}
-        if args.source == "fma":
-            options["subset"] = args.subset
-        df = build_manifest(args.source, args.root, **options)
-        write_manifest(df, args.output)
-        labels = df["label"][df["label"] != ""]
-        print(f"{args.output}: {len(df)} clips, {labels.nunique()} labels")
-    elif cmd == "features":
-        from .features import build_cache
-
-        cfg = _sections(args.config, args.set)
-        cache = build_cache(args.manifest, args.output, cfg.features, root=args.root, jobs=args.jobs,
-                            progress=progress, overwrite=args.overwrite)
-        print(f"{cache.path}: {len(cache.index)} clips cached, {len(cache.failures)} problems "
-              f"(see failures.csv)")
-    elif cmd == "train":
-        from .config import load_training
-        from .train import train
-
-        run_dir = train(args.cache, args.output, load_training(args.config, args.set), resume=args.resume,
-                        strategy=args.strategy, progress=progress)
-        print(run_dir)
-    elif cmd == "embed":
-        from .embed import embed
-
-        inputs = args.inputs[0] if len(args.inputs) == 1 else args.inputs
-        emb = embed(args.run_dir, inputs, args.output, weights=args.weights, skip_existing=args.skip_existing,
-                    batch_size=args.batch_size, root=args.root, progress=progress)
-        print(f"{args.output}: {len(emb.clips)} clips, dim {emb.meta['dim']}")
-    elif cmd == "probe":
-        from .probes import probe_directories
-
-        cfg = _sections(args.config, args.set)
-        result = probe_directories(args.embeddings, args.output, cfg.probe, progress=progress)
-        print(json.dumps([{k: r[k] for k in ("name", "kind", "probe", "accuracy", "macro_f1")}
-                          for r in result["rows"]], indent=1))
-    elif cmd == "cluster":
-        from .clusters import cluster_embeddings
-        from .config import ClusterConfig
-        from .embed import load_embeddings
-
-        cfg = ClusterConfig(k_min=args.k[0], k_max=args.k[1], level=args.level)
-        result = cluster_embeddings(load_embeddings(args.embeddings), cfg, args.output)
-        print(json.dumps({"chosen_k": result["chosen"], "at_n_classes": result.get("at_n_classes")}, indent=1))
-    elif cmd == "report":
-        from .pipeline import report_runs
-
-        cfg = _sections(args.config, args.set)
-        print(report_runs(args.run_dirs, args.output, cfg, progress=progress))
-    elif cmd == "run":
-        from .config import load_experiment
-        from .pipeline import run_experiment
-
-        cfg = load_experiment(args.experiment, args.set)
-        out = args.output or os.path.join("runs", cfg.name)
-        result = run_experiment(cfg, out, dry_run=args.dry_run, progress=progress)
-        if not args.dry_run:
-            print(result)
-    elif cmd == "demo":
-        from .pipeline import demo
-
-        print(demo(args.output, overrides=args.set, progress=progress))
-    elif cmd == "bench":
-        from .bench import run_bench
-
-        result = run_bench(args.what, data=args.data, seconds=args.seconds, json_path=args.json,
-                           baseline=args.baseline, encoders=[e for e in args.encoders.split(",") if e])
-        print(json.dumps(result, indent=2))
+    args.func(args, not args.quiet)
     return 0
 
 

@@ -43,6 +43,22 @@ POSITIVES = ("neighbour", "view")
 #: Training precisions: ``auto`` and the Keras dtype policies it may resolve to.
 PRECISIONS = ("auto", "float32", "mixed_bfloat16", "mixed_float16")
 
+# The choices of every string setting, in one place: the checks below, tile2audio.losses
+# and the command line's ``choices=`` all read these tuples.
+SAMPLER_MODES = ("tile2vec", "tile2vec-distant", "supervised")
+ENCODERS = ("cnn", "crnn", "resnet18")
+GLOBAL_POOLS = ("avg", "max", "avgmax", "time", "frames")
+LOSS_KINDS = ("triplet", "npair")
+DISTANCES = ("squared", "euclidean")
+REDUCTIONS = ("zero_filtered", "mean")
+NEGATIVES = ("single", "batch_all", "semi_hard", "hardest")
+LR_SCHEDULES = ("constant", "cosine")
+STRATEGIES = ("auto", "one", "mirrored", "multiworker")
+PROBE_PROTOCOLS = ("auto", "split", "fold", "kfold")
+POOLINGS = ("mean", "meanstd", "max")
+LEVELS = ("clip", "tile")
+WEIGHTS = ("trained", "init")
+
 
 def _check_choice(name: str, value: Any, choices: Sequence[Any]) -> None:
     """Raise if ``value`` is not one of ``choices``."""
@@ -156,7 +172,12 @@ class FeatureParams:
 
     def seconds_to_frames(self, seconds: float) -> int:
         """Number of frames covering ``seconds`` (at least 1)."""
-        return max(1, int(round(seconds * self.frames_per_second)))
+        return max(1, frames_for(seconds, self.frames_per_second))
+
+
+def frames_for(seconds: float, frames_per_second: float) -> int:
+    """``seconds`` as a whole number of frames, rounded to the nearest: the package's one rounding rule."""
+    return int(round(seconds * frames_per_second))
 
 
 AUTO = "auto"
@@ -238,7 +259,7 @@ class SamplerConfig:
 
     def __post_init__(self) -> None:
         _check_all_finite(self, "sampler")
-        _check_choice("sampler.mode", self.mode, ("tile2vec", "tile2vec-distant", "supervised"))
+        _check_choice("sampler.mode", self.mode, SAMPLER_MODES)
         _check_choice("sampler.positive", self.positive, (AUTO,) + POSITIVES)
         for name in ("augment", "exclude_group_opposites"):
             if isinstance(getattr(self, name), str):
@@ -247,6 +268,9 @@ class SamplerConfig:
             raise Tile2AudioError(f"sampler.clip_fraction must be in (0, 1], got {self.clip_fraction!r}")
         _check_positive("sampler.memory_gb", self.memory_gb)
         _check_positive("sampler.rotate_steps", self.rotate_steps)
+        for name in ("distant_prob", "mix_prob", "time_mask_fraction", "freq_mask_fraction"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise Tile2AudioError(f"sampler.{name} must be in [0, 1], got {getattr(self, name)!r}")
 
     @property
     def is_auto(self) -> bool:
@@ -290,11 +314,16 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         _check_all_finite(self, "model")
-        _check_choice("model.encoder", self.encoder, ("cnn", "crnn", "resnet18"))
-        _check_choice("model.global_pool", self.global_pool, ("avg", "max", "avgmax", "time", "frames"))
+        _check_choice("model.encoder", self.encoder, ENCODERS)
+        _check_choice("model.global_pool", self.global_pool, GLOBAL_POOLS)
         _check_positive("model.embedding_dim", self.embedding_dim)
         if not self.widths or any(w <= 0 for w in self.widths):
             raise Tile2AudioError(f"model.widths must be positive integers, got {self.widths!r}")
+        for name in ("kernel_size", "stride", "pool_size", "rnn_units", "resnet_width", "frame_units"):
+            if int(getattr(self, name)) <= 0:
+                raise Tile2AudioError(f"model.{name} must be > 0, got {getattr(self, name)!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise Tile2AudioError(f"model.dropout must be in [0, 1), got {self.dropout!r}")
 
 
 @dataclass(frozen=True)
@@ -327,11 +356,11 @@ class LossConfig:
 
     def __post_init__(self) -> None:
         _check_all_finite(self, "loss")
-        _check_choice("loss.kind", self.kind, ("triplet", "npair"))
+        _check_choice("loss.kind", self.kind, LOSS_KINDS)
         _check_positive("loss.temperature", self.temperature)
-        _check_choice("loss.distance", self.distance, ("squared", "euclidean"))
-        _check_choice("loss.reduction", self.reduction, ("zero_filtered", "mean"))
-        _check_choice("loss.negatives", self.negatives, ("single", "batch_all", "semi_hard", "hardest"))
+        _check_choice("loss.distance", self.distance, DISTANCES)
+        _check_choice("loss.reduction", self.reduction, REDUCTIONS)
+        _check_choice("loss.negatives", self.negatives, NEGATIVES)
         _check_positive("loss.margin", self.margin, allow_zero=True)
         _check_positive("loss.mse_weight", self.mse_weight, allow_zero=True)
         if isinstance(self.symmetric, str):
@@ -376,8 +405,8 @@ class TrainConfig:
         _check_positive("train.checkpoint_every_steps", self.checkpoint_every_steps, allow_zero=True)
         _check_positive("train.probe_every_epochs", self.probe_every_epochs, allow_zero=True)
         _check_positive("train.collapse_threshold", self.collapse_threshold, allow_zero=True)
-        _check_choice("train.lr_schedule", self.lr_schedule, ("constant", "cosine"))
-        _check_choice("train.strategy", self.strategy, ("auto", "one", "mirrored", "multiworker"))
+        _check_choice("train.lr_schedule", self.lr_schedule, LR_SCHEDULES)
+        _check_choice("train.strategy", self.strategy, STRATEGIES)
         _check_choice("train.precision", self.precision, PRECISIONS)
 
     @property
@@ -461,13 +490,13 @@ class ProbeConfig:
     def __post_init__(self) -> None:
         _check_all_finite(self, "probe")
         _check_positive("probe.seed", self.seed, allow_zero=True)
-        _check_choice("probe.protocol", self.protocol, ("auto", "split", "fold", "kfold"))
+        _check_choice("probe.protocol", self.protocol, PROBE_PROTOCOLS)
         for kind in self.baselines or ():
             _check_choice("probe.baselines[]", kind, ("mfcc", "egemaps", "compare"))
         if self.baselines is not None and len(set(self.baselines)) != len(self.baselines):
             raise Tile2AudioError(f"probe.baselines lists a kind twice: {list(self.baselines)}")
-        _check_choice("probe.pooling", self.pooling, ("mean", "meanstd", "max"))
-        _check_choice("probe.level", self.level, ("clip", "tile"))
+        _check_choice("probe.pooling", self.pooling, POOLINGS)
+        _check_choice("probe.level", self.level, LEVELS)
 
 
 @dataclass(frozen=True)
@@ -486,7 +515,7 @@ class ClusterConfig:
         _check_positive("cluster.seed", self.seed, allow_zero=True)
         if not 2 <= self.k_min <= self.k_max:
             raise Tile2AudioError(f"cluster k range must satisfy 2 <= k_min <= k_max, got {self.k_min}:{self.k_max}")
-        _check_choice("cluster.level", self.level, ("clip", "tile"))
+        _check_choice("cluster.level", self.level, LEVELS)
 
 
 @dataclass(frozen=True)

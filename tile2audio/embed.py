@@ -20,8 +20,6 @@ removes tile files of another encoder, so the folder never mixes two).
 from __future__ import annotations
 
 import hashlib
-import sys
-import types
 import os
 import json
 import logging
@@ -34,7 +32,9 @@ import numpy as np
 import pandas as pd
 
 from . import atomic
+from .datasets.schema import text_column
 from .errors import Tile2AudioError
+from .runs import open_run, read_run
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +110,11 @@ class EmbeddingSet:
         """False for embeddings trained with label-aware triplets."""
         return bool(self.meta.get("label_free", True))
 
+    @property
+    def label_free_result(self) -> bool:
+        """True when results of this embedding count as label-free: ``label_free`` and not of kind ``supervised``."""
+        return self.label_free and self.kind != "supervised"
+
     def pooled(self, pooling: str = "mean") -> np.ndarray:
         """The clip-level matrix for ``pooling`` (``mean``, ``meanstd`` or ``max``), (n_clips, D')."""
         if pooling not in self.arrays:
@@ -181,7 +186,7 @@ def _clip_table(clips: pd.DataFrame) -> pd.DataFrame:
         out["file"] = [safe_file_name(c) for c in out["clip_id"]]
     out["fold"] = pd.array(pd.to_numeric(out["fold"].replace("", None), errors="coerce"), dtype="Int64")
     for col in ("label", "split", "group", "path"):
-        out[col] = out[col].fillna("").astype(str)
+        out[col] = text_column(out, col)
     return out[CLIP_COLUMNS + [c for c in out.columns if c not in CLIP_COLUMNS]]
 
 
@@ -383,38 +388,6 @@ def _folder_clips(folder: Path, prefix: bool) -> pd.DataFrame:
     return df
 
 
-def run_inputs(run_dir: str | os.PathLike, config=None) -> tuple:
-    """What a run's encoder expects as input: its feature parameters, statistics and tiles.
-
-    Parameters
-    ----------
-    run_dir : path
-        A run directory from :func:`tile2audio.train.train`.
-    config : TrainingConfig, optional
-        The run's config (read from ``run_dir`` when not given).
-
-    Returns
-    -------
-    feat : dict
-        The run's ``features.json``.
-    params : FeatureParams
-    stats : dict
-        ``mean`` and ``std`` (n_mels,) float32 arrays, for :func:`tile2audio.features.normalize_frames`.
-    geometry : TileGeometry
-        Tile and hop lengths in frames.
-    """
-    from .config import FeatureParams
-    from .tiles import TileGeometry
-    from .train import load_run_config
-
-    run_dir = Path(run_dir)
-    config = config if config is not None else load_run_config(run_dir)
-    feat = json.loads((run_dir / "features.json").read_text(encoding="utf-8"))
-    params = FeatureParams(**feat["params"])
-    stats = {k: np.asarray(v, dtype=np.float32) for k, v in (feat.get("stats") or {}).items() if k in ("mean", "std")}
-    return feat, params, stats, TileGeometry.from_config(config.tiles, params.frames_per_second)
-
-
 def embed(
     run_dir: str | os.PathLike,
     paths,
@@ -461,13 +434,12 @@ def embed(
     from tqdm.auto import tqdm
 
     from .features import extract_clip, normalize_frames
-    from .train import load_encoder, load_run_config, read_run
 
     run_dir = Path(run_dir)
     info = read_run(run_dir)
-    config = load_run_config(run_dir)
-    feat, params, stats, geometry = run_inputs(run_dir, config)
-    encoder = load_encoder(run_dir, weights)
+    run = open_run(run_dir)
+    config, feat, params, stats, geometry = run.config, run.feature_file, run.features, run.stats, run.geometry
+    encoder = run.encoder(weights)
     _check_finite_weights(encoder, run_dir, weights)
     kind = "random" if weights == "init" else ("trained" if info.get("label_free", True) else "supervised")
     meta = {
@@ -522,14 +494,3 @@ def embed(
     arrays = {p: np.stack([x[p] for x in pooled]) for p in POOLINGS}
     clips["n_tiles"] = [len(tile_arrays[c][0]) for c in clips["clip_id"]]
     return EmbeddingSet(clips=_clip_table(clips), arrays=arrays, meta=meta, tile_arrays=tile_arrays)
-
-
-class _CallableModule(types.ModuleType):
-    """Keeps ``tile2audio.embed(run_dir, paths)`` working once this module is imported
-    (importing a submodule rebinds the package attribute ``embed`` to the module)."""
-
-    def __call__(self, *args, **kwargs):
-        return embed(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule

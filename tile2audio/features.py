@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 from . import atomic
 from .audio import TruncatedAudioWarning, is_silent, load_audio, loop_pad
 from .config import FeatureParams, to_dict
-from .datasets.schema import _is_missing
+from .datasets.schema import MANIFEST_COLUMNS, TEXT_COLUMNS, is_missing
 from .errors import Tile2AudioError
 
 log = logging.getLogger(__name__)
@@ -51,9 +51,10 @@ INDEX_COLUMNS = [
     "label", "split", "fold", "group", "path", "root", "note",
 ]
 FAILURE_COLUMNS = ["path", "clip_id", "reason", "action"]
-MANIFEST_COLUMNS = ["clip_id", "path", "root", "label", "split", "fold", "group"]
-_TEXT_COLUMNS = ("clip_id", "path", "root", "label", "split", "group")
-_STD_FLOOR = 1e-3
+#: Floor of a band's standard deviation under ``standardize`` (a constant band stays finite).
+STD_FLOOR = 1e-3
+#: Floor of a clip's max - min under ``minmax`` (a constant clip stays finite).
+MIN_SCALE = 1e-6
 _SILENCE_DB = -80.0
 _MAX_OPEN_SHARDS = 64
 _LOCK_NAME = ".lock"
@@ -161,14 +162,14 @@ def normalize_frames(
         return x
     if params.normalize == "minmax":
         lo, hi = (float(x.min()), float(x.max())) if min_max is None else (float(min_max[0]), float(min_max[1]))
-        return (x - np.float32(lo)) / np.float32(max(hi - lo, 1e-6))
+        return (x - np.float32(lo)) / np.float32(max(hi - lo, MIN_SCALE))
     if not stats or "mean" not in stats or "std" not in stats:
         raise Tile2AudioError("normalize='standardize' needs the per-band mean and std of the training cache")
     mean = np.asarray(stats["mean"], dtype=np.float32)
     std = np.asarray(stats["std"], dtype=np.float32)
     if mean.shape != (x.shape[-1],) or std.shape != (x.shape[-1],):
         raise Tile2AudioError(f"standardize statistics have {mean.shape[0]} bands, the frames {x.shape[-1]}")
-    return (x - mean) / np.maximum(std, np.float32(_STD_FLOOR))
+    return (x - mean) / np.maximum(std, np.float32(STD_FLOOR))
 
 
 @dataclass
@@ -262,9 +263,9 @@ def _normalise_manifest(df: pd.DataFrame) -> pd.DataFrame:
     if len(df) == 0:
         raise Tile2AudioError("manifest has no rows")
     out = pd.DataFrame(index=range(len(df)))
-    for col in _TEXT_COLUMNS:
+    for col in TEXT_COLUMNS:
         values = df[col] if col in df.columns else pd.Series([""] * len(df))
-        out[col] = [("" if _is_missing(v) else str(v)) for v in values]
+        out[col] = [("" if is_missing(v) else str(v)) for v in values]
     out["fold"] = _to_fold(df["fold"] if "fold" in df.columns else pd.Series([None] * len(df)))
     empty = out["clip_id"] == ""
     if empty.any():
@@ -272,12 +273,12 @@ def _normalise_manifest(df: pd.DataFrame) -> pd.DataFrame:
     dup = out["clip_id"][out["clip_id"].duplicated()].unique()
     if len(dup):
         raise Tile2AudioError(f"manifest has duplicate clip_id(s): {', '.join(map(str, dup[:5]))}")
-    return out[MANIFEST_COLUMNS]
+    return out[list(MANIFEST_COLUMNS)]
 
 
 def _to_fold(values: pd.Series) -> pd.Series:
     """Fold column as pandas Int64 ("" and NaN become NA); raise for non-integers."""
-    cleaned = pd.Series([None if _is_missing(v) or v == "" else v for v in values], dtype=object)
+    cleaned = pd.Series([None if is_missing(v) or v == "" else v for v in values], dtype=object)
     try:
         numeric = pd.to_numeric(cleaned)
         return pd.array(numeric, dtype="Int64")
@@ -306,7 +307,7 @@ def _load_manifest(manifest: pd.DataFrame | str | os.PathLike, root: str | os.Pa
 def _fingerprint(df: pd.DataFrame, params: FeatureParams, chunk_clips: int, max_shard_mb: float) -> str:
     """Hash of what determines the cache's bytes: manifest content, parameters, layout."""
     h = hashlib.sha256()
-    h.update(df[MANIFEST_COLUMNS].to_csv(index=False).encode("utf-8"))
+    h.update(df[list(MANIFEST_COLUMNS)].to_csv(index=False).encode("utf-8"))
     meta = {"version": CACHE_VERSION, "params": to_dict(params), "chunk_clips": chunk_clips,
             "max_shard_mb": max_shard_mb}
     h.update(json.dumps(meta, sort_keys=True).encode("utf-8"))

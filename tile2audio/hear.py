@@ -103,8 +103,8 @@ def load_model(model_file_path: str = "", *, pooling: str = "meanstd",
     -------
     HearModel
     """
-    from .embed import POOLINGS, run_inputs
-    from .train import load_encoder
+    from .embed import POOLINGS
+    from .runs import open_run
 
     if not model_file_path:
         raise Tile2AudioError("tile2audio.hear.load_model needs a run directory or its encoder.keras")
@@ -121,15 +121,16 @@ def load_model(model_file_path: str = "", *, pooling: str = "meanstd",
         run_dir, weights = path.parent, by_name[path.name]
     if not (run_dir / "features.json").is_file():
         raise Tile2AudioError(f"{run_dir} is not a tile2audio run directory (no features.json)")
-    _, params, stats, geometry = run_inputs(run_dir)
+    run = open_run(run_dir)
+    params, stats, geometry = run.features, run.stats, run.geometry
     if params.sample_rate not in HEAR_SAMPLE_RATES:
         log.warning("run %s works at %d Hz; HEAR tasks come at %s Hz", run_dir, params.sample_rate,
                     ", ".join(map(str, HEAR_SAMPLE_RATES)))
-    hop_frames = max(1, int(round(hop_seconds * params.frames_per_second)))
+    hop_frames = params.seconds_to_frames(hop_seconds)
     if hop_frames / params.frames_per_second > 0.05:
         log.warning("timestamp hop %.0f ms is above HEAR's 50 ms advice (one frame is %.0f ms)",
                     1000 * hop_frames / params.frames_per_second, 1000 / params.frames_per_second)
-    return HearModel(load_encoder(run_dir, weights), params, stats, geometry, pooling, hop_frames, run_dir)
+    return HearModel(run.encoder(weights), params, stats, geometry, pooling, hop_frames, run_dir)
 
 
 def _check_audio(audio, model: HearModel) -> np.ndarray:

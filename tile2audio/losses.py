@@ -22,7 +22,7 @@ from typing import Mapping, Sequence
 
 import tensorflow as tf
 
-from .config import LossConfig, is_auto
+from .config import DISTANCES, NEGATIVES, REDUCTIONS, LossConfig, is_auto
 from .errors import Tile2AudioError
 
 __all__ = [
@@ -39,9 +39,6 @@ __all__ = [
 #: Added under the square root of the Euclidean distance so its gradient stays finite at 0.
 EPSILON = 1e-12
 
-_DISTANCES = ("squared", "euclidean")
-_REDUCTIONS = ("zero_filtered", "mean")
-_NEGATIVES = ("single", "batch_all", "semi_hard", "hardest")
 
 
 def _check(name: str, value: str, choices: Sequence[str]) -> None:
@@ -57,7 +54,7 @@ def _f32(x) -> tf.Tensor:
 
 def _finish(squared: tf.Tensor, distance: str) -> tf.Tensor:
     """Turn squared distances into the configured distance."""
-    _check("distance", distance, _DISTANCES)
+    _check("distance", distance, DISTANCES)
     if distance == "squared":
         return squared
     return tf.sqrt(squared + EPSILON)
@@ -107,7 +104,7 @@ def distance_matrix(a, b, distance: str = "squared") -> tf.Tensor:
 
 def _reduce(per: tf.Tensor, valid: tf.Tensor, reduction: str) -> tf.Tensor:
     """Reduce per-item losses over the ``valid`` items (0, never NaN, when none count)."""
-    _check("reduction", reduction, _REDUCTIONS)
+    _check("reduction", reduction, REDUCTIONS)
     valid_f = tf.cast(valid, tf.float32)
     total = tf.reduce_sum(per * valid_f)
     if reduction == "zero_filtered":
@@ -236,7 +233,7 @@ def in_batch_triplet_loss(
         Which entries are real triplets (an anchor without any valid negative, or an
         invalid pair, is excluded from the loss).
     """
-    _check("negatives", negatives, _NEGATIVES[1:])
+    _check("negatives", negatives, NEGATIVES[1:])
     mask = negative_mask(batch)
     candidates = tf.concat([za, zn, zo], axis=0)
     if symmetric:

@@ -120,15 +120,9 @@ def _check_shape(input_shape: Sequence[int | None], what: str) -> tuple:
 
 
 def _check_model(model: ModelConfig) -> None:
-    """Check the ModelConfig fields that config.py leaves unchecked."""
+    """Raise unless ``model`` is a ModelConfig (its fields are checked by ModelConfig itself)."""
     if not isinstance(model, ModelConfig):
         raise Tile2AudioError(f"expected a ModelConfig, got {type(model).__name__}")
-    for name in ("kernel_size", "stride", "pool_size", "rnn_units", "resnet_width", "frame_units"):
-        value = getattr(model, name)
-        if int(value) <= 0:
-            raise Tile2AudioError(f"model.{name} must be > 0, got {value!r}")
-    if not 0.0 <= model.dropout < 1.0:
-        raise Tile2AudioError(f"model.dropout must be in [0, 1), got {model.dropout!r}")
 
 
 def _spatial(x) -> tuple[int | None, int | None]:

@@ -28,6 +28,7 @@ import json
 import logging
 import os
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -57,16 +58,68 @@ DEMO_CONFIG: dict = {
 }
 
 
+@dataclass(frozen=True)
+class ExperimentLayout:
+    """Every path of an experiment's output folder (the layout in the module docstring).
+
+    Parameters
+    ----------
+    out : Path
+        The experiment's output folder.
+    """
+
+    out: Path
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "out", Path(self.out))
+
+    config_file = property(lambda self: self.out / "config.yaml", doc="The resolved ExperimentConfig.")
+    stages_file = property(lambda self: self.out / "stages.json", doc="Fingerprints of the finished stages.")
+    data = property(lambda self: self.out / "data", doc="Synthetic audio (demo only).")
+    manifest = property(lambda self: self.out / "manifest.csv", doc="The manifest CSV.")
+    cache = property(lambda self: self.out / "cache", doc="The log-mel cache.")
+    run = property(lambda self: self.out / "run", doc="The training run directory.")
+    probe = property(lambda self: self.out / "probe", doc="The probe stage's folder.")
+    cluster = property(lambda self: self.out / "cluster", doc="The cluster stage's folder.")
+    report = property(lambda self: self.out / "report", doc="The report stage's folder.")
+
+    def embeddings(self, sub: str) -> Path:
+        """The run's embedding folder ``trained`` or ``random``."""
+        return self.run / "embeddings" / sub
+
+    @property
+    def probe_json(self) -> Path:
+        return self.probe / "probe.json"
+
+    @property
+    def cluster_json(self) -> Path:
+        return self.cluster / "cluster.json"
+
+    @property
+    def report_md(self) -> Path:
+        return self.report / "report.md"
+
+    def outputs(self, stage: str) -> list[Path]:
+        """The files whose presence (with a matching fingerprint) makes ``stage`` up to date."""
+        return {
+            "manifest": [self.manifest], "features": [self.cache / "index.csv"],
+            "train": [self.run / "encoder.keras"],
+            "embed": [self.embeddings("trained") / "clip_embeddings.npz",
+                      self.embeddings("random") / "clip_embeddings.npz"],
+            "probe": [self.probe_json], "cluster": [self.cluster_json], "report": [self.report_md],
+        }[stage]
+
+
 def _fingerprint(*parts) -> str:
     """Stable short hash of JSON-able parts."""
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-class _Stages:
+class Stages:
     """Reads and writes ``stages.json``: which stage finished with which fingerprint."""
 
     def __init__(self, out: Path):
-        self.path = out / "stages.json"
+        self.path = ExperimentLayout(out).stages_file
         self.done = json.loads(self.path.read_text()) if self.path.is_file() else {}
 
     def fresh(self, stage: str, fp: str, *outputs: Path) -> bool:
@@ -77,13 +130,14 @@ class _Stages:
         atomic.write_json(self.path, self.done)
 
 
-def _fingerprints(cfg: ExperimentConfig) -> dict[str, str]:
+def stage_fingerprints(cfg: ExperimentConfig) -> dict[str, str]:
     """Each stage's fingerprint, chained so a change upstream invalidates downstream."""
     c = to_dict(cfg)
     fps: dict[str, str] = {}
     fps["manifest"] = _fingerprint(c["data"])
     fps["features"] = _fingerprint(fps["manifest"], c["features"])
-    fps["train"] = _fingerprint(fps["features"], *(c[k] for k in ("tiles", "sampler", "model", "loss", "train")))
+    # The training sections in TrainingConfig's field order (the hash of earlier runs is kept).
+    fps["train"] = _fingerprint(fps["features"], *to_dict(cfg.training).values())
     fps["embed"] = _fingerprint(fps["train"], c["embed"])
     # The resolved baselines, so installing opensmile later reruns the probe and cluster stages.
     from .baselines import resolve_baselines
@@ -97,20 +151,12 @@ def _fingerprints(cfg: ExperimentConfig) -> dict[str, str]:
 
 def plan(cfg: ExperimentConfig, out: str | os.PathLike) -> list[tuple[str, bool]]:
     """(stage, up to date) for every stage of an experiment in ``out``."""
-    out = Path(out)
-    stages, fps = _Stages(out), _fingerprints(cfg)
-    outputs = {
-        "manifest": [out / "manifest.csv"], "features": [out / "cache" / "index.csv"],
-        "train": [out / "run" / "encoder.keras"],
-        "embed": [out / "run" / "embeddings" / "trained" / "clip_embeddings.npz",
-                  out / "run" / "embeddings" / "random" / "clip_embeddings.npz"],
-        "probe": [out / "probe" / "probe.json"], "cluster": [out / "cluster" / "cluster.json"],
-        "report": [out / "report" / "report.md"],
-    }
+    layout = ExperimentLayout(out)
+    stages, fps = Stages(layout.out), stage_fingerprints(cfg)
     stale: set[str] = set()
     result = []
     for s in STAGES:
-        ok = stages.fresh(s, fps[s], *outputs[s]) and not (DEPENDS[s] & stale)
+        ok = stages.fresh(s, fps[s], *layout.outputs(s)) and not (DEPENDS[s] & stale)
         if not ok:
             stale.add(s)
         result.append((s, ok))
@@ -122,13 +168,14 @@ def _manifest_stage(cfg: ExperimentConfig, out: Path, progress: bool) -> Path:
     from .datasets import build_manifest, read_manifest, write_manifest
 
     d = cfg.data
-    target = out / "manifest.csv"
+    layout = ExperimentLayout(out)
+    target = layout.manifest
     if d.manifest:
         write_manifest(read_manifest(d.manifest), target)
     elif d.source == "synthetic":
         from .synth import make_demo_dataset
 
-        made = make_demo_dataset(out / "data", sample_rate=cfg.features.sample_rate, seed=cfg.train.seed,
+        made = make_demo_dataset(layout.data, sample_rate=cfg.features.sample_rate, seed=cfg.train.seed,
                                  progress=progress, **d.options)
         write_manifest(read_manifest(made), target)
     else:
@@ -148,9 +195,10 @@ def _embed_stage(cfg: ExperimentConfig, out: Path, progress: bool) -> dict:
     """Embed the cache with the trained and the initial (random) weights."""
     from .embed import embed
 
+    layout = ExperimentLayout(out)
     sets = {}
     for weights, sub in (("trained", "trained"), ("init", "random")):
-        sets[sub] = embed(out / "run", out / "cache", out / "run" / "embeddings" / sub, weights=weights,
+        sets[sub] = embed(layout.run, layout.cache, layout.embeddings(sub), weights=weights,
                           skip_existing=True, batch_size=cfg.embed.batch_size,
                           name=f"{cfg.name} ({'random weights' if weights == 'init' else 'trained'})",
                           progress=progress)
@@ -206,7 +254,8 @@ def run_experiment(cfg: ExperimentConfig, out: str | os.PathLike, *, dry_run: bo
     Path or list
         The report's path, or the plan ``[(stage, up_to_date), ...]`` for a dry run.
     """
-    out = Path(out)
+    layout = ExperimentLayout(out)
+    out = layout.out
     steps = plan(cfg, out)
     if dry_run:
         print(dump_yaml(cfg))
@@ -214,88 +263,126 @@ def run_experiment(cfg: ExperimentConfig, out: str | os.PathLike, *, dry_run: bo
             print(f"{stage:9s} {'up to date, skipped' if ok else 'would run'}")
         return steps
     atomic.ensure_dir(out, "output folder")
-    atomic.write_text(out / "config.yaml", dump_yaml(cfg))
-    stages, fps, todo = _Stages(out), _fingerprints(cfg), {s for s, ok in steps if not ok}
-    timings: dict[str, float] = {}
-
-    def stage(name: str, fn):
-        if name not in todo:
+    atomic.write_text(layout.config_file, dump_yaml(cfg))
+    ctx = StageContext(cfg=cfg, layout=layout, progress=progress, stages=Stages(out), fps=stage_fingerprints(cfg),
+                       todo={s for s, ok in steps if not ok}, extra_runs=tuple(extra_runs))
+    for name in STAGES:
+        if name not in ctx.todo:
             log.info("stage %s: up to date", name)
-            return None
-        log.info("stage %s ...", name)
-        t0 = time.time()
-        value = fn()
-        timings[name] = round(time.time() - t0, 2)
-        stages.mark(name, fps[name])
-        return value
+        else:
+            log.info("stage %s ...", name)
+            t0 = time.time()
+            STAGE_FUNCTIONS[name](ctx)
+            ctx.timings[name] = round(time.time() - t0, 2)
+            ctx.stages.mark(name, ctx.fps[name])
+        if name == "embed":
+            # Probe, cluster and report all read these, fresh or not.
+            ctx.entries = _load_entries(ctx)
+    _summary(out, layout.report_md)
+    return layout.report_md
 
+
+@dataclass
+class StageContext:
+    """What the stage functions of :func:`run_experiment` share."""
+
+    cfg: ExperimentConfig
+    layout: ExperimentLayout
+    progress: bool
+    stages: Stages
+    fps: dict
+    todo: set
+    extra_runs: tuple = ()
+    timings: dict = field(default_factory=dict)
+    entries: list = field(default_factory=list)
+
+    def baselines(self) -> list:
+        """The handcrafted baselines of the cache (computed once, then read from the cache)."""
+        return baseline_sets(self.layout.cache, self.cfg.probe.baselines, self.progress)
+
+
+def _load_entries(ctx: StageContext) -> list:
+    """The trained run, its random twin and any extra runs' embeddings."""
     from .embed import load_embeddings
 
-    stage("manifest", lambda: _manifest_stage(cfg, out, progress))
+    entries = [load_embeddings(ctx.layout.embeddings("trained")), load_embeddings(ctx.layout.embeddings("random"))]
+    for extra in ctx.extra_runs:
+        entries.append(_embeddings_for_run(Path(extra), ctx.layout.cache, ctx.cfg, ctx.progress))
+    return entries
 
-    def features():
-        from .features import build_cache
 
-        build_cache(out / "manifest.csv", out / "cache", cfg.features, progress=progress,
-                    overwrite="features" in todo and (out / "cache" / "index.csv").exists())
+def _run_manifest(ctx: StageContext) -> None:
+    """Stage ``manifest``."""
+    _manifest_stage(ctx.cfg, ctx.layout.out, ctx.progress)
 
-    stage("features", features)
 
-    def train_stage():
-        from .train import is_run_dir, train
+def _run_features(ctx: StageContext) -> None:
+    """Stage ``features``: build (or, when its settings changed, rebuild) the cache."""
+    from .features import build_cache
 
-        run = out / "run"
-        if is_run_dir(run) and "train" in todo and stages.done.get("train") not in (None, fps["train"]):
-            raise Tile2AudioError(f"{run} was trained with other settings; move it away or use another -o")
-        train(out / "cache", run, cfg.training, resume=is_run_dir(run), exact=True, progress=progress)
+    layout = ctx.layout
+    build_cache(layout.manifest, layout.cache, ctx.cfg.features, progress=ctx.progress,
+                overwrite="features" in ctx.todo and (layout.cache / "index.csv").exists())
 
-    stage("train", train_stage)
-    stage("embed", lambda: _embed_stage(cfg, out, progress))
-    entries = [load_embeddings(out / "run" / "embeddings" / "trained"),
-               load_embeddings(out / "run" / "embeddings" / "random")]
-    for extra in extra_runs:
-        entries.append(_embeddings_for_run(Path(extra), out / "cache", cfg, progress))
 
-    def probe():
-        from .probes import run_probes
+def _run_train(ctx: StageContext) -> None:
+    """Stage ``train``: train, or resume the run trained with the same settings."""
+    from .runs import is_run_dir
+    from .train import train
 
-        result = run_probes(entries + baseline_sets(out / "cache", cfg.probe.baselines, progress), cfg.probe,
-                            progress=progress)
-        atomic.write_json(out / "probe" / "probe.json", result)
+    run = ctx.layout.run
+    if is_run_dir(run) and "train" in ctx.todo and ctx.stages.done.get("train") not in (None, ctx.fps["train"]):
+        raise Tile2AudioError(f"{run} was trained with other settings; move it away or use another -o")
+    train(ctx.layout.cache, run, ctx.cfg.training, resume=is_run_dir(run), exact=True, progress=ctx.progress)
 
-    def cluster():
-        from .clusters import cluster_entries
 
-        # Same entries as the probe table: the trained run, its random twin, the baselines.
-        cluster_entries(entries + baseline_sets(out / "cache", cfg.probe.baselines, progress), cfg.cluster,
-                        out / "cluster", figure_entry=entries[0])
+def _run_embed(ctx: StageContext) -> None:
+    """Stage ``embed``."""
+    _embed_stage(ctx.cfg, ctx.layout.out, ctx.progress)
 
-    stage("probe", probe)
-    stage("cluster", cluster)
 
-    def report():
-        from .report import make_report
-        from .train import read_run
+def _run_probe(ctx: StageContext) -> None:
+    """Stage ``probe``: the probe table of the entries and the baselines."""
+    from .probes import run_probes
 
-        probe_result = json.loads((out / "probe" / "probe.json").read_text())
-        cluster_result = json.loads((out / "cluster" / "cluster.json").read_text())
-        run_info = read_run(out / "run")
-        extra = {"experiment": cfg.name, "train_seconds": run_info.get("train_seconds"),
-                 "steps": run_info.get("step"), "label_free": run_info.get("label_free"),
-                 "config": to_dict(cfg), "stage_seconds": timings}
-        baselines = baseline_sets(out / "cache", cfg.probe.baselines, progress)  # cached: no recomputation
-        return make_report(entries + baselines, out / "report", cfg.probe, cfg.cluster, title=f"tile2audio: {cfg.name}",
-                           probe_result=probe_result, cluster_result=cluster_result, extra=extra)
+    result = run_probes(ctx.entries + ctx.baselines(), ctx.cfg.probe, progress=ctx.progress)
+    atomic.write_json(ctx.layout.probe_json, result)
 
-    stage("report", report)
-    report_path = out / "report" / "report.md"
-    _summary(out, report_path)
-    return report_path
+
+def _run_cluster(ctx: StageContext) -> None:
+    """Stage ``cluster``."""
+    from .clusters import cluster_entries
+
+    # Same entries as the probe table: the trained run, its random twin, the baselines.
+    cluster_entries(ctx.entries + ctx.baselines(), ctx.cfg.cluster, ctx.layout.cluster,
+                    figure_entry=ctx.entries[0])
+
+
+def _run_report(ctx: StageContext) -> None:
+    """Stage ``report``."""
+    from .report import make_report
+    from .runs import read_run
+
+    layout, cfg = ctx.layout, ctx.cfg
+    probe_result = json.loads(layout.probe_json.read_text())
+    cluster_result = json.loads(layout.cluster_json.read_text())
+    run_info = read_run(layout.run)
+    extra = {"experiment": cfg.name, "train_seconds": run_info.get("train_seconds"),
+             "steps": run_info.get("step"), "label_free": run_info.get("label_free"),
+             "config": to_dict(cfg), "stage_seconds": ctx.timings}
+    baselines = ctx.baselines()  # cached: no recomputation
+    make_report(ctx.entries + baselines, layout.report, cfg.probe, cfg.cluster, title=f"tile2audio: {cfg.name}",
+                probe_result=probe_result, cluster_result=cluster_result, extra=extra)
+
+
+#: Stage name -> the function that runs it, in :data:`STAGES` order.
+STAGE_FUNCTIONS = {"manifest": _run_manifest, "features": _run_features, "train": _run_train,
+                   "embed": _run_embed, "probe": _run_probe, "cluster": _run_cluster, "report": _run_report}
 
 
 def _summary(out: Path, report_path: Path) -> None:
     """Print a one-screen summary of the probe table."""
-    probe = out / "probe" / "probe.json"
+    probe = ExperimentLayout(out).probe_json
     if not probe.is_file():
         return
     rows = json.loads(probe.read_text())["rows"]
@@ -333,7 +420,7 @@ def report_runs(run_dirs: Sequence[str | os.PathLike], out: str | os.PathLike,
     from .clusters import cluster_entries
     from .probes import run_probes
     from .report import make_report
-    from .train import read_run
+    from .runs import read_run
 
     cfg = cfg or ExperimentConfig()
     runs = [Path(r) for r in run_dirs]

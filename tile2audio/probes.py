@@ -67,6 +67,7 @@ from threadpoolctl import threadpool_limits
 from tqdm.auto import tqdm
 
 from .config import ProbeConfig
+from .datasets.schema import group_or_self, text_column
 from .errors import Tile2AudioError
 
 log = logging.getLogger(__name__)
@@ -112,9 +113,7 @@ def _table(clips: pd.DataFrame) -> pd.DataFrame:
         raise Tile2AudioError("the clip table needs at least the columns clip_id and label")
     t = clips.reset_index(drop=True).copy()
     for col in ("label", "split", "group"):
-        if col not in t.columns:
-            t[col] = ""
-        t[col] = t[col].fillna("").astype(str)
+        t[col] = text_column(t, col)
     if "fold" not in t.columns:
         t["fold"] = pd.array([pd.NA] * len(t), dtype="Int64")
     t["fold"] = pd.array(pd.to_numeric(t["fold"].replace("", None), errors="coerce"), dtype="Int64")
@@ -158,9 +157,7 @@ def resolve_protocol(clips: pd.DataFrame, protocol: str = "auto") -> str:
 
 def _groups(t: pd.DataFrame) -> np.ndarray:
     """Group of each clip; a clip without a group is its own group."""
-    g = t["group"].to_numpy(dtype=object)
-    own = "\x00clip:" + t["clip_id"].to_numpy(dtype=object)
-    return np.where(g == "", own, g)
+    return group_or_self(t["group"].to_numpy(dtype=object), t["clip_id"].to_numpy(dtype=object))
 
 
 def _split_protocol(t: pd.DataFrame, labelled: np.ndarray) -> list[Split]:
@@ -286,7 +283,7 @@ def check_no_leak(clips: pd.DataFrame, split: Split) -> None:
             f"e.g. {', '.join(both[:5])}"
         )
     if "group" in clips.columns:
-        g = clips["group"].fillna("").astype(str).to_numpy()
+        g = text_column(clips, "group")
         shared = sorted((set(g[fit]) & set(g[test])) - {""})
         if shared:
             raise Tile2AudioError(
@@ -488,7 +485,7 @@ def _evaluate(entry, probe, data, splits, labels, config) -> dict:
     row = {
         "name": entry.name,
         "kind": entry.kind,
-        "label_free": bool(entry.label_free) and entry.kind != "supervised",
+        "label_free": entry.label_free_result,
         "probe": probe,
         "pooling": (entry.meta.get("pooling") or config.pooling) if config.level == "clip" else "tile-score-mean",
         "level": config.level,

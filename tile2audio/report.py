@@ -224,7 +224,7 @@ def make_report(
         "splits": probe_result.get("splits", []),
         "probe_note": probe_result.get("note"),
         "best_entry": best.name,
-        "entries": [{"name": e.name, "kind": e.kind, "label_free": bool(e.label_free) and e.kind != "supervised",
+        "entries": [{"name": e.name, "kind": e.kind, "label_free": e.label_free_result,
                      "n_clips": int(len(e.clips))} for e in entries],
         "rows": probe_result["rows"],
         "cluster": cluster,

@@ -69,38 +69,77 @@ from __future__ import annotations
 
 import logging
 import math
-import resource
-import time
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import NamedTuple, Protocol, runtime_checkable
 
 import numpy as np
 import pandas as pd
 import tensorflow as tf
 
 from .audio import loop_pad
-from .config import FeatureParams, SamplerConfig, TileConfig, TrainingConfig
+from .augment import band_mask, gain_mask, log_unit, mix_gain_mask
+from .config import FeatureParams, SamplerConfig, TileConfig, TrainingConfig, frames_for
+from .datasets.schema import text_column
+from .draws import inside_block_excluding, other_clip, outside_block, randint, two_segments
 from .errors import Tile2AudioError
+from .features import MIN_SCALE, STD_FLOOR
 from .rules import choose_training
 from .tiles import TileGeometry
 
 log = logging.getLogger(__name__)
 
-__all__ = ["TripletSampler", "reference_triplets", "measure_sampler"]
+__all__ = ["TripletSampler", "FeatureSource", "PoolArrays"]
 
 _GIB = float(2**30)
 _NO_END = 2**62  # "infinite" step range; never reached
 _N_UNIFORMS = 8  # uniforms per triplet for the index draws (fixed, so modes stay comparable)
-_MIN_SCALE = 1e-6  # floor of a clip's max - min under minmax (as in tile2audio.features)
-_STD_FLOOR = 1e-3  # floor of a band's std under standardize (as in tile2audio.features)
 
-# Pool tensors handed from the loader (py_function) to the per-batch sampler, in order.
-_POOL_FIELDS: tuple[tuple[str, tf.DType], ...] = (
-    ("offsets", tf.int32), ("lengths", tf.int32), ("rows", tf.int32), ("groups", tf.int32),
-    ("g_order", tf.int32), ("g_start", tf.int32), ("g_count", tf.int32),
-    ("l_order", tf.int32), ("l_start", tf.int32), ("l_count", tf.int32), ("l_rank", tf.int32),
-    ("s_clip", tf.float32), ("o_clip", tf.float32),
-)
+@runtime_checkable
+class FeatureSource(Protocol):
+    """What the sampler reads from a cache (a :class:`~tile2audio.features.FeatureCache`, or a test's fake)."""
+
+    index: pd.DataFrame
+    params: FeatureParams
+    stats: dict
+    shards: list
+
+    @property
+    def frames_per_second(self) -> float: ...
+
+    @property
+    def n_mels(self) -> int: ...
+
+    def shard_nbytes(self, name: str) -> int: ...
+
+    def frames_block(self, clip_ids) -> tuple[np.ndarray, np.ndarray, np.ndarray]: ...
+
+
+class PoolArrays(NamedTuple):
+    """One pool, as the loader (a ``py_function``) hands it to the per-batch sampler.
+
+    ``frames`` is (n_frames, n_mels) in the pool dtype; every other field is one value
+    per pool clip (``offsets`` ... ``l_rank``, ``s_clip``, ``o_clip``) or per block of
+    the group / label tables (see :func:`_blocks`).
+    """
+
+    frames: np.ndarray
+    offsets: np.ndarray  # int32, first frame of each clip in ``frames``
+    lengths: np.ndarray  # int32, frames of each clip (after looping short clips)
+    rows: np.ndarray  # int32, row of each clip in cache.index
+    groups: np.ndarray  # int32, group code of each clip
+    g_order: np.ndarray  # int32, clips sorted by group
+    g_start: np.ndarray  # int32, each clip's group block start in g_order
+    g_count: np.ndarray  # int32, size of that block
+    l_order: np.ndarray  # int32, clips sorted by label
+    l_start: np.ndarray  # int32
+    l_count: np.ndarray  # int32
+    l_rank: np.ndarray  # int32, each clip's rank inside its label block
+    s_clip: np.ndarray  # float32, per-clip scale of the log-domain augmentation
+    o_clip: np.ndarray  # float32, per-clip offset of the log-domain augmentation
+
+
+#: The tf dtype of every PoolArrays field but ``frames`` (whose dtype is the pool dtype).
+_POOL_DTYPES = {name: (tf.float32 if name in ("s_clip", "o_clip") else tf.int32) for name in PoolArrays._fields[1:]}
 
 
 @dataclass(frozen=True)
@@ -139,8 +178,9 @@ class TripletSampler:
 
     Parameters
     ----------
-    cache : FeatureCache
-        An open cache (:func:`tile2audio.features.open_cache`). Uses ``index``
+    cache : FeatureSource
+        An open cache (:func:`tile2audio.features.open_cache`) or anything with the
+        :class:`FeatureSource` interface. Uses ``index``
         (``clip_id``, ``shard``, ``n_frames``, ``label``, ``group``; ``min``/``max`` for
         ``minmax`` features with augmentation), ``params``, ``stats``,
         ``frames_per_second``, ``n_mels``, ``shards``, ``shard_nbytes`` and
@@ -172,7 +212,7 @@ class TripletSampler:
         Every pool loaded so far, in order.
     """
 
-    def __init__(self, cache, tiles: TileConfig, sampler: SamplerConfig, batch_size: int, seed: int,
+    def __init__(self, cache: FeatureSource, tiles: TileConfig, sampler: SamplerConfig, batch_size: int, seed: int,
                  worker_index: int = 0, num_workers: int = 1, pool_dtype: str = "float16") -> None:
         _check_args(batch_size, seed, worker_index, num_workers, pool_dtype)
         if tiles.is_auto or sampler.is_auto:
@@ -206,7 +246,7 @@ class TripletSampler:
         self._check_enough_clips()
         self._band_affine = self._band_normalisation()
         self._rounds: list[list[list[int]]] = []
-        self._preloaded: dict[int, tuple] = {}
+        self._preloaded: dict[int, PoolArrays] = {}
         self.loaded_pools: list[PoolRecord] = []
         if self.rotating:
             log.info("sampler worker %d: %.2f GiB of features > budget %.2f GiB: rotating pools every %d steps",
@@ -272,7 +312,7 @@ class TripletSampler:
         seconds = self.config.distant_min_seconds
         if seconds is None:
             seconds = 2.0 * self.tiles.neighbourhood_seconds
-        frames = int(round(seconds * self.geometry.frames_per_second))
+        frames = frames_for(seconds, self.geometry.frames_per_second)
         return max(frames, self.geometry.neighbourhood_frames + 1)
 
     def _eligible_rows(self, index: pd.DataFrame) -> np.ndarray:
@@ -368,7 +408,7 @@ class TripletSampler:
             mean = np.asarray(stats["mean"], dtype=np.float32).reshape(-1)
             if std.shape != (m,) or mean.shape != (m,):
                 raise Tile2AudioError(f"cache stats have {std.shape} / {mean.shape} bands, expected ({m},)")
-            return np.maximum(std, _STD_FLOOR), mean
+            return np.maximum(std, STD_FLOOR), mean
         return np.ones(m, np.float32), np.zeros(m, np.float32)
 
     # ------------------------------------------------------------------ pools
@@ -402,12 +442,12 @@ class TripletSampler:
 
     def _load_pool_op(self, p: tf.Tensor):
         """Graph op: load pool ``p`` with a py_function; returns (p, dict of tensors)."""
-        dtypes = [self.pool_dtype] + [d for _, d in _POOL_FIELDS]
+        dtypes = [self.pool_dtype] + [_POOL_DTYPES[name] for name in PoolArrays._fields[1:]]
         out = tf.py_function(lambda q: self._pool_arrays_once(int(q)), [p], Tout=dtypes)
         frames = out[0]
         frames.set_shape([None, self.n_mels])
         pool = {"frames": frames}
-        for (name, _), t in zip(_POOL_FIELDS, out[1:]):
+        for name, t in zip(PoolArrays._fields[1:], out[1:]):
             t.set_shape([None])
             pool[name] = t
         return p, pool
@@ -417,7 +457,7 @@ class TripletSampler:
         arrays = self._preloaded.pop(p, None)
         return list(arrays if arrays is not None else self._pool_arrays(p))
 
-    def _pool_arrays(self, p: int) -> tuple:
+    def _pool_arrays(self, p: int) -> PoolArrays:
         """Load pool ``p`` from the cache: frames, per-clip offsets/lengths and sampling tables."""
         units = [self._units[i] for i in self._pool_units(p)]
         rows = np.concatenate([u.rows for u in units])
@@ -438,9 +478,10 @@ class TripletSampler:
         log.debug("sampler worker %d loaded pool %d: %d clips, %.1f MiB", self.worker_index, p,
                   record.n_clips, record.nbytes / 2**20)
         i32 = np.int32
-        return (frames, offsets.astype(i32),
-                lengths.astype(i32), rows.astype(i32), groups.astype(i32), g_order, g_start, g_count,
-                l_order, l_start, l_count, l_rank, s_clip, o_clip)
+        return PoolArrays(frames=frames, offsets=offsets.astype(i32), lengths=lengths.astype(i32),
+                          rows=rows.astype(i32), groups=groups.astype(i32), g_order=g_order, g_start=g_start,
+                          g_count=g_count, l_order=l_order, l_start=l_start, l_count=l_count, l_rank=l_rank,
+                          s_clip=s_clip, o_clip=o_clip)
 
     def _warn_if_uniform(self, record: PoolRecord, block_count: np.ndarray) -> None:
         """Warn when a rotating pool has one group (label) only, so opposites share it."""
@@ -476,7 +517,7 @@ class TripletSampler:
             return np.ones(n, np.float32), np.zeros(n, np.float32)
         lo = self._index["min"].to_numpy(dtype=np.float64)[rows]
         hi = self._index["max"].to_numpy(dtype=np.float64)[rows]
-        return np.maximum(hi - lo, _MIN_SCALE).astype(np.float32), lo.astype(np.float32)
+        return np.maximum(hi - lo, MIN_SCALE).astype(np.float32), lo.astype(np.float32)
 
     # ------------------------------------------------------------------ graph: one batch
 
@@ -499,21 +540,21 @@ class TripletSampler:
         """Clip positions and starts (each (3B,)) for tile2vec / tile2vec-distant."""
         g = self.geometry
         n_clips = tf.size(pool["offsets"])
-        a = _randint(u[0], n_clips)
+        a = randint(u[0], n_clips)
         span = tf.gather(pool["lengths"], a) - g.tile_frames
         if self.view:
             # Two independent crops of the clip (each augmented on its own when augment is on).
-            a_s, n_s = _randint(u[1], span + 1), _randint(u[2], span + 1)
+            a_s, n_s = randint(u[1], span + 1), randint(u[2], span + 1)
         else:
             a_s = self._anchor_start(u[1], span)
             n_s = self._neighbour_start(u[2], a_s, span)
-        o, found = _outside_block(u[3], tf.gather(pool["g_start"], a), tf.gather(pool["g_count"], a),
+        o, found = outside_block(u[3], tf.gather(pool["g_start"], a), tf.gather(pool["g_count"], a),
                                   n_clips, pool["g_order"])
-        o = tf.where(found, o, _other_clip(u[3], a, n_clips))
-        o_s = _randint(u[4], tf.gather(pool["lengths"], o) - g.tile_frames + 1)
+        o = tf.where(found, o, other_clip(u[3], a, n_clips))
+        o_s = randint(u[4], tf.gather(pool["lengths"], o) - g.tile_frames + 1)
         if distant:
             d = self.distant_frames
-            far, far_ok = _two_segments(u[6], 0, a_s - d, a_s + d, span)
+            far, far_ok = two_segments(u[6], 0, a_s - d, a_s + d, span)
             same = (u[5] < self.config.distant_prob) & far_ok
             o = tf.where(same, a, o)
             o_s = tf.where(same, far, o_s)
@@ -522,15 +563,15 @@ class TripletSampler:
     def _anchor_start(self, u: tf.Tensor, span: tf.Tensor) -> tf.Tensor:
         """Anchor starts, uniform over the starts that leave room for a neighbour >= min gap away."""
         gap = self.geometry.min_gap_frames
-        start, ok = _two_segments(u, 0, span - gap, tf.maximum(gap, span - gap + 1), span)
-        return tf.where(ok, start, _randint(u, span + 1))
+        start, ok = two_segments(u, 0, span - gap, tf.maximum(gap, span - gap + 1), span)
+        return tf.where(ok, start, randint(u, span + 1))
 
     def _neighbour_start(self, u: tf.Tensor, a_s: tf.Tensor, span: tf.Tensor) -> tf.Tensor:
         """Neighbour starts within the neighbourhood and >= min gap from the anchor (farthest if impossible)."""
         gap, hood = self.geometry.min_gap_frames, self.geometry.neighbourhood_frames
         lo = tf.maximum(a_s - hood, 0)
         hi = tf.minimum(a_s + hood, span)
-        start, ok = _two_segments(u, lo, a_s - gap, a_s + max(gap, 1), hi)
+        start, ok = two_segments(u, lo, a_s - gap, a_s + max(gap, 1), hi)
         farthest = tf.where(a_s - lo >= hi - a_s, lo, hi)
         return tf.where(ok, start, farthest)
 
@@ -538,15 +579,15 @@ class TripletSampler:
         """Clip positions and starts (each (3B,)) for the supervised mode."""
         t = self.geometry.tile_frames
         n_clips = tf.size(pool["offsets"])
-        a = _randint(u[0], n_clips)
-        a_s = _randint(u[1], tf.gather(pool["lengths"], a) - t + 1)
+        a = randint(u[0], n_clips)
+        a_s = randint(u[1], tf.gather(pool["lengths"], a) - t + 1)
         l_start, l_count = tf.gather(pool["l_start"], a), tf.gather(pool["l_count"], a)
-        n, found = _inside_block_excluding(u[2], l_start, l_count, tf.gather(pool["l_rank"], a), pool["l_order"])
+        n, found = inside_block_excluding(u[2], l_start, l_count, tf.gather(pool["l_rank"], a), pool["l_order"])
         n = tf.where(found, n, a)
-        n_s = _randint(u[3], tf.gather(pool["lengths"], n) - t + 1)
-        o, found = _outside_block(u[4], l_start, l_count, n_clips, pool["l_order"])
-        o = tf.where(found, o, _other_clip(u[4], a, n_clips))
-        o_s = _randint(u[5], tf.gather(pool["lengths"], o) - t + 1)
+        n_s = randint(u[3], tf.gather(pool["lengths"], n) - t + 1)
+        o, found = outside_block(u[4], l_start, l_count, n_clips, pool["l_order"])
+        o = tf.where(found, o, other_clip(u[4], a, n_clips))
+        o_s = randint(u[5], tf.gather(pool["lengths"], o) - t + 1)
         return tf.concat([a, n, o], 0), tf.concat([a_s, n_s, o_s], 0)
 
     def _gather_tiles(self, pool: dict, clips: tf.Tensor, starts: tf.Tensor) -> tf.Tensor:
@@ -582,12 +623,12 @@ class TripletSampler:
         scale, offset = self._affine(pool, clips)
         gain_db = tf.cast((2.0 * u[3] - 1.0) * cfg.gain_db, tf.float32)[:, None, None]
         gain = gain_db * (math.log(10.0) / 10.0 * self._log_unit()) / scale
-        keep_t = 1.0 - tf.cast(_band_mask(keys[1], cfg.time_masks, n, t, cfg.time_mask_fraction), tf.float32)
-        keep_f = 1.0 - tf.cast(_band_mask(keys[2], cfg.freq_masks, n, m, cfg.freq_mask_fraction), tf.float32)
+        keep_t = 1.0 - tf.cast(band_mask(keys[1], cfg.time_masks, n, t, cfg.time_mask_fraction), tf.float32)
+        keep_f = 1.0 - tf.cast(band_mask(keys[2], cfg.freq_masks, n, m, cfg.freq_mask_fraction), tf.float32)
         keep_t, keep_f = keep_t[:, :, None], keep_f[:, None, :]
         if cfg.mix_prob > 0:
-            return _mix_gain_mask(tiles, *self._mix_terms(u, clips, pool, scale, offset), gain, keep_t, keep_f)
-        return _gain_mask(tiles, gain, keep_t, keep_f)
+            return mix_gain_mask(tiles, *self._mix_terms(u, clips, pool, scale, offset), gain, keep_t, keep_f)
+        return gain_mask(tiles, gain, keep_t, keep_f)
 
     def _affine(self, pool: dict, clips: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
         """(scale, offset), each (n, 1, M), with raw log-mel = normalised * scale + offset."""
@@ -597,14 +638,14 @@ class TripletSampler:
         return scale, offset
 
     def _mix_terms(self, u, clips, pool, scale, offset):
-        """Partner tiles of other clips and the (n, 1, M) factors of :func:`_mix_gain_mask`.
+        """Partner tiles of other clips and the (n, 1, M) factors of :func:`~tile2audio.augment.mix_gain_mask`.
 
         With natural-log powers ``x_ln = (x * scale + offset) / unit`` the power sum is
         ``x_ln + softplus(y_ln - x_ln)``; back in normalised units that is
         ``x + softplus(partner * a - x * b + c) * k``, and ``k = 0`` leaves a tile unmixed.
         """
-        other = _other_clip(u[0], clips, tf.size(pool["offsets"]))
-        other_start = _randint(u[1], tf.gather(pool["lengths"], other) - self.geometry.tile_frames + 1)
+        other = other_clip(u[0], clips, tf.size(pool["offsets"]))
+        other_start = randint(u[1], tf.gather(pool["lengths"], other) - self.geometry.tile_frames + 1)
         partner = self._gather_tiles(pool, other, other_start)
         o_scale, o_offset = self._affine(pool, other)
         unit = self._log_unit()
@@ -614,74 +655,8 @@ class TripletSampler:
         return partner, a, b, c, chosen * unit / scale
 
     def _log_unit(self) -> float:
-        """Feature units per natural-log unit of power: 10/ln10 for dB, 1 for natural log."""
-        return 10.0 / math.log(10.0) if self.cache.params.log == "db" else 1.0
-
-
-# ---------------------------------------------------------------------- graph helpers
-
-def _randint(u: tf.Tensor, n: tf.Tensor) -> tf.Tensor:
-    """Uniform int32 in [0, n) per element from uniforms ``u`` in [0, 1); n < 1 gives 0."""
-    n = tf.maximum(tf.cast(n, tf.int32), 1)
-    k = tf.cast(tf.floor(u * tf.cast(n, tf.float64)), tf.int32)
-    return tf.minimum(k, n - 1)
-
-
-def _two_segments(u, lo, end1, start2, hi):
-    """Uniform int in [lo, end1] U [start2, hi] (end1 < start2); returns (value, non-empty)."""
-    c1 = tf.maximum(end1 - lo + 1, 0)
-    c2 = tf.maximum(hi - start2 + 1, 0)
-    k = _randint(u, c1 + c2)
-    return tf.where(k < c1, lo + k, start2 + k - c1), (c1 + c2) > 0
-
-
-def _outside_block(u, start, count, n, order):
-    """A clip outside the sorted block [start, start + count) of ``order``; returns (clip, found)."""
-    k = _randint(u, n - count)
-    pos = tf.where(k >= start, k + count, k)
-    pos = tf.minimum(pos, n - 1)  # only reached when nothing is outside (then found is False)
-    return tf.gather(order, pos), (n - count) > 0
-
-
-def _inside_block_excluding(u, start, count, rank, order):
-    """Another clip of the same sorted block (skipping position ``rank``); returns (clip, found)."""
-    pos = start + _randint(u, count - 1)
-    pos = tf.where(pos >= rank, pos + 1, pos)
-    pos = tf.minimum(pos, start + count - 1)
-    return tf.gather(order, pos), count > 1
-
-
-def _other_clip(u, clip, n):
-    """A clip position other than ``clip`` (``clip`` itself when the pool has one clip)."""
-    k = _randint(u, n - 1)
-    return tf.where(n > 1, tf.where(k >= clip, k + 1, k), clip)
-
-
-def _band_mask(key, count: int, n: int, size: int, fraction: float) -> tf.Tensor:
-    """SpecAugment mask (n, size): ``count`` bands per row, each up to fraction*size wide."""
-    widest = int(math.floor(fraction * size))
-    if count <= 0 or widest <= 0:
-        return tf.zeros([n, size], tf.bool)
-    u = tf.random.stateless_uniform([2, count, n], seed=key, dtype=tf.float64)
-    width = _randint(u[0], widest + 1)
-    start = _randint(u[1], size - width + 1)
-    pos = tf.range(size, dtype=tf.int32)
-    inside = (pos >= start[..., None]) & (pos < (start + width)[..., None])
-    return tf.reduce_any(inside, axis=0)
-
-
-@tf.function(jit_compile=True)
-def _gain_mask(x, gain, keep_t, keep_f):
-    """Add the gain, then set masked cells to the tile mean (one fused XLA loop)."""
-    x = x + gain
-    fill = tf.reduce_mean(x, axis=[1, 2], keepdims=True)
-    return fill + (x - fill) * (keep_t * keep_f)
-
-
-@tf.function(jit_compile=True)
-def _mix_gain_mask(x, partner, a, b, c, k, gain, keep_t, keep_f):
-    """Power-sum mix with ``partner`` (see ``_mix_terms``), then gain and masks."""
-    return _gain_mask(x + tf.math.softplus(partner * a - x * b + c) * k, gain, keep_t, keep_f)
+        """Feature units per natural-log unit of power (see :func:`tile2audio.augment.log_unit`)."""
+        return log_unit(self.cache.params.log)
 
 
 # ---------------------------------------------------------------------- index helpers
@@ -709,16 +684,9 @@ def _checked_index(index: pd.DataFrame) -> pd.DataFrame:
     return index.reset_index(drop=True)
 
 
-def _text_column(index: pd.DataFrame, name: str) -> np.ndarray:
-    """A string column with missing values as ''."""
-    if name not in index.columns:
-        return np.full(len(index), "", dtype=object)
-    return index[name].fillna("").astype(str).str.strip().to_numpy(dtype=object)
-
-
 def _group_codes(index: pd.DataFrame) -> np.ndarray:
     """int32 group code per row; a row without group gets a code of its own."""
-    groups = _text_column(index, "group")
+    groups = text_column(index, "group", strip=True)
     codes = np.empty(len(index), dtype=np.int64)
     named = groups != ""
     codes[named] = pd.factorize(groups[named])[0]
@@ -729,7 +697,7 @@ def _group_codes(index: pd.DataFrame) -> np.ndarray:
 
 def _label_codes(index: pd.DataFrame) -> np.ndarray:
     """int32 label code per row, -1 where there is no label."""
-    labels = _text_column(index, "label")
+    labels = text_column(index, "label", strip=True)
     codes = np.full(len(index), -1, dtype=np.int32)
     named = labels != ""
     codes[named] = pd.factorize(labels[named])[0]
@@ -745,115 +713,3 @@ def _blocks(codes: np.ndarray):
     rank = np.empty(len(codes), dtype=np.int64)
     rank[order] = np.arange(len(codes))
     return (order.astype(np.int32), start.astype(np.int32), count.astype(np.int32), rank.astype(np.int32))
-
-
-# ---------------------------------------------------------------------- benchmark
-
-def reference_triplets(paths: Sequence, params: FeatureParams, geometry: TileGeometry,
-                       seed: int = 0) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """The predecessor's sampler, kept as a benchmark baseline: decode audio per triplet.
-
-    For every triplet it picks an anchor file and another file at random, decodes both
-    (:func:`tile2audio.audio.load_audio`), computes their log-mel
-    (:func:`tile2audio.features.log_mel`) and cuts an anchor tile, a neighbour tile
-    within the neighbourhood, and a random opposite tile. Slow by design.
-
-    Parameters
-    ----------
-    paths : sequence of path-like
-        At least two audio files.
-    params : FeatureParams
-        Front-end parameters.
-    geometry : TileGeometry
-        Tile and neighbourhood lengths.
-    seed : int
-        Seed of the stream.
-
-    Yields
-    ------
-    tuple of np.ndarray
-        ``(anchor, neighbour, opposite)``, each float32 (T, M) un-normalised log-mel.
-    """
-    from .audio import load_audio
-    from .features import log_mel
-
-    paths = list(paths)
-    if len(paths) < 2:
-        raise Tile2AudioError("reference_triplets needs at least two audio files")
-    rng = np.random.default_rng(seed)
-    t, hood = geometry.tile_frames, geometry.neighbourhood_frames
-
-    def frames_of(path) -> np.ndarray:
-        return loop_pad(log_mel(load_audio(path, params.sample_rate, params.channel), params), t)
-
-    while True:
-        i, j = rng.choice(len(paths), size=2, replace=False)
-        anchor_frames, other_frames = frames_of(paths[i]), frames_of(paths[j])
-        span = anchor_frames.shape[0] - t
-        a = int(rng.integers(0, span + 1))
-        n = int(rng.integers(max(0, a - hood), min(span, a + hood) + 1))
-        o = int(rng.integers(0, other_frames.shape[0] - t + 1))
-        yield (anchor_frames[a:a + t].astype(np.float32), anchor_frames[n:n + t].astype(np.float32),
-               other_frames[o:o + t].astype(np.float32))
-
-
-def measure_sampler(cache, tiles: TileConfig, sampler: SamplerConfig, batch_size: int,
-                    seconds: float = 5.0, reference_paths: Sequence | None = None,
-                    reference_seconds: float = 5.0, pool_dtype: str = "float16") -> dict:
-    """Measure triplets per second of :class:`TripletSampler` (and of the reference sampler).
-
-    Parameters
-    ----------
-    cache : FeatureCache
-        The cache to sample from.
-    tiles, sampler : TileConfig, SamplerConfig
-        Sampling settings.
-    batch_size : int
-        Triplets per batch.
-    seconds : float
-        Time spent pulling batches after the first one (pool load and tracing excluded,
-        reported as ``first_batch_s``).
-    reference_paths : sequence of path-like, optional
-        Audio files for :func:`reference_triplets`; skipped when None.
-    reference_seconds : float
-        Time spent on the reference sampler (at least one triplet).
-    pool_dtype : str
-        In-memory frame dtype, see :class:`TripletSampler`.
-
-    Returns
-    -------
-    dict
-        ``triplets_per_s``, ``reference_triplets_per_s`` and ``ratio`` (None without
-        reference paths), ``peak_rss_mb`` (peak resident memory of this process),
-        ``first_batch_s``, ``batch_size``, ``tile_shape``, ``pool_dtype``, ``rotating``.
-    """
-    ts = TripletSampler(cache, tiles, sampler, batch_size=batch_size, seed=0, pool_dtype=pool_dtype)
-    started = time.perf_counter()
-    it = iter(ts.dataset())
-    next(it)
-    first = time.perf_counter() - started
-    count, started = 0, time.perf_counter()
-    while time.perf_counter() - started < seconds:
-        next(it)
-        count += batch_size
-    rate = count / (time.perf_counter() - started)
-    ref_rate = None
-    if reference_paths is not None:
-        geometry = ts.geometry  # the sampler resolved any auto tile setting
-        gen = reference_triplets(reference_paths, cache.params, geometry, seed=0)
-        n_ref, started = 0, time.perf_counter()
-        while n_ref == 0 or time.perf_counter() - started < reference_seconds:
-            next(gen)
-            n_ref += 1
-        ref_rate = n_ref / (time.perf_counter() - started)
-    return {
-        "triplets_per_s": rate,
-        "reference_triplets_per_s": ref_rate,
-        "ratio": rate / ref_rate if ref_rate else None,
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
-        "first_batch_s": first,
-        "batch_size": int(batch_size),
-        "tile_shape": list(ts.tile_shape),
-        "pool_dtype": pool_dtype,
-        "rotating": ts.rotating,
-    }

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .audio import loop_pad
-from .config import TileConfig
+from .config import TileConfig, frames_for
 from .errors import Tile2AudioError
 
 
@@ -80,10 +80,10 @@ class TileGeometry:
         if fps <= 0:
             raise Tile2AudioError(f"frames_per_second must be > 0, got {frames_per_second}")
         return cls(
-            tile_frames=max(1, int(round(tiles.tile_seconds * fps))),
-            hop_frames=max(1, int(round(tiles.tile_hop_seconds * fps))),
-            neighbourhood_frames=int(round(tiles.neighbourhood_seconds * fps)),
-            min_gap_frames=int(round(tiles.min_gap_seconds * fps)),
+            tile_frames=max(1, frames_for(tiles.tile_seconds, fps)),
+            hop_frames=max(1, frames_for(tiles.tile_hop_seconds, fps)),
+            neighbourhood_frames=frames_for(tiles.neighbourhood_seconds, fps),
+            min_gap_frames=frames_for(tiles.min_gap_seconds, fps),
             frames_per_second=fps,
         )
 

@@ -22,16 +22,21 @@ import os
 import shutil
 import sys
 import time
-import zipfile
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import keras
 import numpy as np
+import tensorflow as tf
 
-from . import atomic
-from .config import TrainingConfig, dump_yaml, is_auto, read_yaml, to_dict, training_from_dict
+from . import atomic, losses
+from .config import TrainingConfig, dump_yaml, is_auto, to_dict
+from .datasets.schema import group_or_self
 from .errors import Tile2AudioError
+from .models import build_decoder, build_encoder, export_encoder
+from .runs import geometry_record, is_run_dir, latest_run, load_run_config, read_run, save_keras_atomic, update_run_json
+from .tiles import TileGeometry
 
 log = logging.getLogger(__name__)
 
@@ -53,30 +58,6 @@ def run_name(config: TrainingConfig, when: float | None = None, stamp: str | Non
         f"{m.encoder}-d{m.embedding_dim}-t{t.tile_seconds:g}s-{s.mode}-{lo.negatives}"
         f"-m{lo.margin:g}-s{config.train.seed}-{stamp}"
     )
-
-
-def is_run_dir(path: str | os.PathLike) -> bool:
-    """True if ``path`` holds a run (a ``config.yaml`` and a ``run.json``)."""
-    return (Path(path) / "config.yaml").is_file() and (Path(path) / "run.json").is_file()
-
-
-def latest_run(parent: str | os.PathLike) -> Path | None:
-    """The most recently modified run directory directly under ``parent``, if any."""
-    runs = [p for p in Path(parent).iterdir() if p.is_dir() and is_run_dir(p)] if Path(parent).is_dir() else []
-    return max(runs, key=lambda p: (p / "run.json").stat().st_mtime) if runs else None
-
-
-def read_run(run_dir: str | os.PathLike) -> dict:
-    """``run.json`` of a run directory, with a clear error when it is not one."""
-    run_dir = Path(run_dir)
-    if not is_run_dir(run_dir):
-        raise Tile2AudioError(f"{run_dir} is not a tile2audio run directory (no config.yaml / run.json)")
-    return json.loads((run_dir / "run.json").read_text(encoding="utf-8"))
-
-
-def load_run_config(run_dir: str | os.PathLike) -> TrainingConfig:
-    """The resolved training config saved in a run directory."""
-    return training_from_dict(read_yaml(Path(run_dir) / "config.yaml"))
 
 
 def _resolve_run_dir(out: Path, config: TrainingConfig, resume: bool, exact: bool,
@@ -188,8 +169,6 @@ def make_strategy(name: str = "auto"):
     ``auto`` picks MultiWorkerMirroredStrategy when ``TF_CONFIG`` names more than one
     worker, MirroredStrategy when more than one GPU is visible, else the default.
     """
-    import tensorflow as tf
-
     if name == "auto":
         cluster = json.loads(os.environ.get("TF_CONFIG", "{}")).get("cluster", {})
         n_workers = len(cluster.get("worker", [])) + len(cluster.get("chief", []))
@@ -236,8 +215,6 @@ def resolve_precision(name: str = "auto") -> str:
     """
     if name != "auto":
         return name
-    import tensorflow as tf
-
     if tf.config.list_physical_devices("GPU"):
         return "mixed_float16"
     try:
@@ -247,8 +224,104 @@ def resolve_precision(name: str = "auto") -> str:
     return "mixed_bfloat16" if ("avx512_bf16" in flags or "amx_bf16" in flags) else "float32"
 
 
+# ------------------------------------------------------------------ Keras / TensorFlow compatibility
+# The only two places that touch private Keras or TensorFlow API. Checked against keras
+# 3.3 to 3.15.1 with TensorFlow 2.16 to 2.20; setup.cfg bounds keras below 3.16 and
+# tests/test_train.py::test_keras_compatibility_block fails when either hook disappears.
+KERAS_CHECKED = ("3.3", "3.15.1")
+
+
+def _in_multi_worker_mode(strategy) -> bool:
+    """True under a multi-worker strategy (TensorFlow's private ``extended._in_multi_worker_mode``)."""
+    extended = getattr(strategy, "extended", None)
+    return bool(getattr(extended, "_in_multi_worker_mode", lambda: False)())
+
+
+class _PrebuiltModel(keras.Model):
+    """A Keras model that skips Keras 3's symbolic build once it is built (private ``_maybe_symbolic_build``)."""
+
+    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+        # Under a distribution strategy Keras 3 builds symbolically from a batch it
+        # takes off the iterator (and fails to reduce dict batches). The model and
+        # optimizer are built before fit, so that batch would only be lost.
+        if self.built and self.optimizer is not None and self.optimizer.built:
+            return
+        super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)
+
+
+# ------------------------------------------------------------------ the triplet model
+
+
+class TripletModel(_PrebuiltModel):
+    """Encoder (+ decoder) trained with the triplet (+ MSE) loss in a custom step.
+
+    Parameters
+    ----------
+    encoder : keras.Model
+        Maps (B, T, M, 1) tiles to (B, D).
+    decoder : keras.Model or None
+        Maps (B, D) back to (B, T, M, 1) for the MSE term.
+    config : TrainingConfig
+        ``loss`` drives :func:`tile2audio.losses.compute_losses`; ``model`` the export.
+    precision : str
+        The Keras dtype policy the encoder is exported in.
+    multi_worker : bool
+        Reshape the step's scalar outputs to (1,) for Keras's multi-worker reduction.
+    """
+
+    def __init__(self, encoder, decoder=None, *, config: TrainingConfig, precision: str,
+                 multi_worker: bool = False, **kwargs):
+        super().__init__(**kwargs)
+        self.encoder = encoder
+        self.decoder = decoder
+        self.trackers = {k: keras.metrics.Mean(name=k) for k in LOG_KEYS}
+        self.run_config = config
+        self.export_precision = precision
+        self.multi_worker = multi_worker
+
+    def export(self):
+        """The encoder as plain Keras layers in the run's precision (what is saved)."""
+        return export_encoder(self.encoder, self.run_config.model, self.export_precision)
+
+    def call(self, x, training=False):
+        return self.encoder(x, training=training)
+
+    @property
+    def metrics(self):
+        return list(self.trackers.values())
+
+    def train_step(self, data):
+        xa, xn, xo = data["anchor"], data["neighbour"], data["opposite"]
+        n = tf.shape(xa)[0]
+        replicas = tf.distribute.get_strategy().num_replicas_in_sync
+        with tf.GradientTape() as tape:
+            # One pass over the three tiles: faster, and batch norm sees all of them.
+            z = self.encoder(tf.concat([xa, xn, xo], axis=0), training=True)
+            za, zn, zo = z[:n], z[n : 2 * n], z[2 * n :]
+            recon = None
+            if self.decoder is not None:
+                r = self.decoder(z, training=True)
+                recon = (r[:n], r[n : 2 * n], r[2 * n :])
+            # Looked up at trace time, so tests can patch tile2audio.losses.compute_losses.
+            out = losses.compute_losses(self.run_config.loss, za, zn, zo, data, reconstructions=recon,
+                                        tiles=(xa, xn, xo))
+            # Gradients are summed over replicas, so each replica contributes its share.
+            scaled = out["loss"] / tf.cast(replicas, out["loss"].dtype)
+            # Loss scaling under mixed_float16 (the optimizer unscales in apply); else identity.
+            scaled = self.optimizer.scale_loss(scaled)
+        grads = tape.gradient(scaled, self.trainable_variables)
+        self.optimizer.apply(grads, self.trainable_variables)
+        for k, tracker in self.trackers.items():
+            tracker.update_state(out[k])
+        results = {k: t.result() for k, t in self.trackers.items()}
+        if self.multi_worker:
+            # Keras reduces multi-worker step outputs along axis 0, which a scalar lacks.
+            results = {k: tf.reshape(v, [1]) for k, v in results.items()}
+        return results
+
+
 def build_triplet_model(config: TrainingConfig, tile_shape: tuple[int, int, int], normalize: str,
-                        *, baseline: bool = False):
+                        *, baseline: bool = False) -> TripletModel:
     """The Keras model that owns the triplet train step (used by training and the benchmark).
 
     Parameters
@@ -271,72 +344,8 @@ def build_triplet_model(config: TrainingConfig, tile_shape: tuple[int, int, int]
         Build it inside the strategy's scope. On one replica the encoder uses
         :class:`~tile2audio.models.FusedBatchNorm`; on several, synchronised Keras batch norm.
     """
-    import keras
-    import tensorflow as tf
-
-    from .losses import compute_losses
-    from .models import build_decoder, build_encoder, export_encoder
-
-    loss_cfg = config.loss
     strategy = tf.distribute.get_strategy()
-    extended = getattr(strategy, "extended", None)
-    multi_worker = bool(getattr(extended, "_in_multi_worker_mode", lambda: False)())
-
-    class TripletModel(keras.Model):
-        """Encoder (+ decoder) trained with the triplet (+ MSE) loss in a custom step."""
-
-        def __init__(self, encoder, decoder=None, **kwargs):
-            super().__init__(**kwargs)
-            self.encoder = encoder
-            self.decoder = decoder
-            self.trackers = {k: keras.metrics.Mean(name=k) for k in LOG_KEYS}
-
-        def export(self):
-            """The encoder as plain Keras layers in the run's precision (what is saved)."""
-            return export_encoder(self.encoder, config.model, precision)
-
-        def call(self, x, training=False):
-            return self.encoder(x, training=training)
-
-        @property
-        def metrics(self):
-            return list(self.trackers.values())
-
-        def _maybe_symbolic_build(self, iterator=None, data_batch=None):
-            # Under a distribution strategy Keras 3 builds symbolically from a batch it
-            # takes off the iterator (and fails to reduce dict batches). The model and
-            # optimizer are built before fit, so that batch would only be lost.
-            if self.built and self.optimizer is not None and self.optimizer.built:
-                return
-            super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)
-
-        def train_step(self, data):
-            xa, xn, xo = data["anchor"], data["neighbour"], data["opposite"]
-            n = tf.shape(xa)[0]
-            replicas = tf.distribute.get_strategy().num_replicas_in_sync
-            with tf.GradientTape() as tape:
-                # One pass over the three tiles: faster, and batch norm sees all of them.
-                z = self.encoder(tf.concat([xa, xn, xo], axis=0), training=True)
-                za, zn, zo = z[:n], z[n : 2 * n], z[2 * n :]
-                recon = None
-                if self.decoder is not None:
-                    r = self.decoder(z, training=True)
-                    recon = (r[:n], r[n : 2 * n], r[2 * n :])
-                out = compute_losses(loss_cfg, za, zn, zo, data, reconstructions=recon, tiles=(xa, xn, xo))
-                # Gradients are summed over replicas, so each replica contributes its share.
-                scaled = out["loss"] / tf.cast(replicas, out["loss"].dtype)
-                # Loss scaling under mixed_float16 (the optimizer unscales in apply); else identity.
-                scaled = self.optimizer.scale_loss(scaled)
-            grads = tape.gradient(scaled, self.trainable_variables)
-            self.optimizer.apply(grads, self.trainable_variables)
-            for k, tracker in self.trackers.items():
-                tracker.update_state(out[k])
-            results = {k: t.result() for k, t in self.trackers.items()}
-            if multi_worker:
-                # Keras reduces multi-worker step outputs along axis 0, which a scalar lacks.
-                results = {k: tf.reshape(v, [1]) for k, v in results.items()}
-            return results
-
+    multi_worker = _in_multi_worker_mode(strategy)
     seed = config.train.seed
     precision = "float32" if baseline else resolve_precision(config.train.precision)
     fused = strategy.num_replicas_in_sync == 1 and not baseline
@@ -352,7 +361,7 @@ def build_triplet_model(config: TrainingConfig, tile_shape: tuple[int, int, int]
             for layer in _all_layers(net):
                 if isinstance(layer, keras.layers.BatchNormalization):
                     layer.synchronized = True
-    return TripletModel(encoder, decoder)
+    return TripletModel(encoder, decoder, config=config, precision=precision, multi_worker=multi_worker)
 
 
 def _all_layers(model) -> list:
@@ -368,8 +377,6 @@ def _all_layers(model) -> list:
 
 def make_optimizer(config: TrainingConfig):
     """Adam with the run's learning rate: constant, or warmup then cosine decay."""
-    import keras
-
     t = config.train
     lr: Any = t.learning_rate
     if t.lr_schedule == "cosine":
@@ -393,115 +400,135 @@ def make_optimizer(config: TrainingConfig):
     return optimizer
 
 
-def save_keras_atomic(model: Any, path: Path) -> None:
-    """``model.save`` to a temporary ``.keras`` file, then rename it onto ``path``."""
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.keras")
-    try:
-        model.save(str(tmp))
-        os.replace(tmp, path)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise Tile2AudioError(f"{path}: cannot write the model: {exc.strerror or exc}") from exc
-
-
 # --------------------------------------------------------------------------- callbacks
+
+
+def _healthy(model) -> bool:
+    """True until :class:`NonFiniteStop` has seen a NaN or infinite loss."""
+    return getattr(model, "non_finite_step", None) is None
+
+
+class NonFiniteStop(keras.callbacks.Callback):
+    """Stop at the first step whose loss is NaN or inf (sets ``model.non_finite_step``)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.net = model
+
+    def on_train_batch_end(self, batch, logs=None):
+        loss = (logs or {}).get("loss")
+        if loss is not None and not np.all(np.isfinite(np.asarray(loss, dtype=np.float64))):
+            self.net.non_finite_step = int(self.net.optimizer.iterations.numpy())
+            self.net.stop_training = True
+
+
+class Checkpointer(keras.callbacks.Callback):
+    """Checkpoint every N steps and at each epoch end (chief only), never non-finite weights.
+
+    The epoch's last step is left to :meth:`on_epoch_end`, which runs after the log
+    row is written: a kill between the two then loses the checkpoint, not the row.
+    """
+
+    def __init__(self, run_dir: Path, model, train_config, chief: bool):
+        super().__init__()
+        self.run_dir, self.net, self.t, self.chief = run_dir, model, train_config, chief
+
+    def on_train_batch_end(self, batch, logs=None):
+        t = self.t
+        step = int(self.net.optimizer.iterations.numpy())
+        if (self.chief and _healthy(self.net) and t.checkpoint_every_steps and step % t.checkpoint_every_steps == 0
+                and step % t.steps_per_epoch):
+            save_checkpoint(self.run_dir, self.net, self.net.optimizer, step)
+
+    def on_epoch_end(self, epoch, logs=None):
+        step = int(self.net.optimizer.iterations.numpy())
+        if self.chief and _healthy(self.net):
+            save_checkpoint(self.run_dir, self.net, self.net.optimizer, step)
+            update_run_json(self.run_dir, step=step, epoch=epoch + 1, status="training")
+
+
+class Monitor(keras.callbacks.Callback):
+    """Warn on collapse; add the optional probe accuracy and the learning rate to the logs."""
+
+    def __init__(self, model, train_config, probe_fn):
+        super().__init__()
+        self.net, self.t, self.probe_fn = model, train_config, probe_fn
+
+    def on_epoch_end(self, epoch, logs=None):
+        t, model = self.t, self.net
+        logs = logs if logs is not None else {}
+        spread = logs.get("spread")
+        if spread is not None and spread < t.collapse_threshold:
+            log.warning(
+                "epoch %d: embedding spread across the batch is %.2e (< %.0e): the embeddings are "
+                "collapsing; lower the learning rate or the margin, or use more negatives",
+                epoch + 1, spread, t.collapse_threshold,
+            )
+        lr = model.optimizer.learning_rate
+        logs["learning_rate"] = float(lr.numpy() if hasattr(lr, "numpy") else lr)
+        logs["step"] = int(model.optimizer.iterations.numpy())
+        if self.probe_fn is not None:
+            do = t.probe_every_epochs and (epoch + 1) % t.probe_every_epochs == 0
+            logs["probe_accuracy"] = float(self.probe_fn(model.encoder)) if do else float("nan")
+            if do:
+                log.info("epoch %d: probe accuracy %.3f", epoch + 1, logs["probe_accuracy"])
+
+
+class EpochLog(keras.callbacks.Callback):
+    """Append one row per epoch to log.csv (Keras's CSVLogger adds empty val_* columns)."""
+
+    def __init__(self, run_dir: Path, model):
+        super().__init__()
+        self.run_dir, self.net = run_dir, model
+
+    def on_epoch_end(self, epoch, logs=None):
+        if not _healthy(self.net):  # the epoch did not finish
+            return
+        row = {"epoch": epoch, **{k: float(v) for k, v in (logs or {}).items()}}
+        path = self.run_dir / "log.csv"
+        new = not path.is_file()
+        try:
+            with open(path, "a", encoding="utf-8", newline="") as fh:
+                writer = csv.DictWriter(fh, fieldnames=list(row))
+                if new:
+                    writer.writeheader()
+                writer.writerow(row)
+        except OSError as exc:
+            raise Tile2AudioError(f"{path}: cannot write the training log: {exc.strerror or exc}") from exc
+
+
+class EpochLine(keras.callbacks.Callback):
+    """Print one line per epoch to stdout: epoch, step, seconds, the logs."""
+
+    def __init__(self, epochs: int):
+        super().__init__()
+        self.epochs = epochs
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.started = time.time()
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs = dict(logs or {})
+        step = int(logs.pop("step", 0))
+        values = " - ".join(f"{k} {float(v):.4g}" for k, v in logs.items())
+        print(f"epoch {epoch + 1}/{self.epochs} - step {step} - {time.time() - self.started:.1f} s - {values}",
+              flush=True)
 
 
 def _callbacks(run_dir: Path, model, config: TrainingConfig, chief: bool, probe_fn):
     """Checkpoint, collapse warning, probe, CSV and TensorBoard callbacks."""
-    import keras
-
     t = config.train
-
-    class NonFiniteStop(keras.callbacks.Callback):
-        """Stop at the first step whose loss is NaN or inf (``model.non_finite_step``)."""
-
-        def on_train_batch_end(self, batch, logs=None):
-            loss = (logs or {}).get("loss")
-            if loss is not None and not np.all(np.isfinite(np.asarray(loss, dtype=np.float64))):
-                model.non_finite_step = int(model.optimizer.iterations.numpy())
-                model.stop_training = True
-
-    def healthy() -> bool:
-        return getattr(model, "non_finite_step", None) is None
-
-    class Checkpointer(keras.callbacks.Callback):
-        """Checkpoint every N steps and at each epoch end (chief only), never non-finite weights.
-
-        The epoch's last step is left to :meth:`on_epoch_end`, which runs after the log
-        row is written: a kill between the two then loses the checkpoint, not the row.
-        """
-
-        def on_train_batch_end(self, batch, logs=None):
-            step = int(model.optimizer.iterations.numpy())
-            if (chief and healthy() and t.checkpoint_every_steps and step % t.checkpoint_every_steps == 0
-                    and step % t.steps_per_epoch):
-                save_checkpoint(run_dir, model, model.optimizer, step)
-
-        def on_epoch_end(self, epoch, logs=None):
-            step = int(model.optimizer.iterations.numpy())
-            if chief and healthy():
-                save_checkpoint(run_dir, model, model.optimizer, step)
-                _update_run_json(run_dir, step=step, epoch=epoch + 1, status="training")
-
-    class Monitor(keras.callbacks.Callback):
-        """Warn on collapse; add the optional probe accuracy and the learning rate to the logs."""
-
-        def on_epoch_end(self, epoch, logs=None):
-            logs = logs if logs is not None else {}
-            spread = logs.get("spread")
-            if spread is not None and spread < t.collapse_threshold:
-                log.warning(
-                    "epoch %d: embedding spread across the batch is %.2e (< %.0e): the embeddings are "
-                    "collapsing; lower the learning rate or the margin, or use more negatives",
-                    epoch + 1, spread, t.collapse_threshold,
-                )
-            lr = model.optimizer.learning_rate
-            logs["learning_rate"] = float(lr.numpy() if hasattr(lr, "numpy") else lr)
-            logs["step"] = int(model.optimizer.iterations.numpy())
-            if probe_fn is not None:
-                do = t.probe_every_epochs and (epoch + 1) % t.probe_every_epochs == 0
-                logs["probe_accuracy"] = float(probe_fn(model.encoder)) if do else float("nan")
-                if do:
-                    log.info("epoch %d: probe accuracy %.3f", epoch + 1, logs["probe_accuracy"])
-
-    class EpochLog(keras.callbacks.Callback):
-        """Append one row per epoch to log.csv (Keras's CSVLogger adds empty val_* columns)."""
-
-        def on_epoch_end(self, epoch, logs=None):
-            if not healthy():  # the epoch did not finish
-                return
-            row = {"epoch": epoch, **{k: float(v) for k, v in (logs or {}).items()}}
-            path = run_dir / "log.csv"
-            new = not path.is_file()
-            try:
-                with open(path, "a", encoding="utf-8", newline="") as fh:
-                    writer = csv.DictWriter(fh, fieldnames=list(row))
-                    if new:
-                        writer.writeheader()
-                    writer.writerow(row)
-            except OSError as exc:
-                raise Tile2AudioError(f"{path}: cannot write the training log: {exc.strerror or exc}") from exc
-
     # Order matters: the NaN check runs before the checkpoint, the log row before the epoch's checkpoint.
-    cbs = [NonFiniteStop(), Monitor()]
+    cbs = [NonFiniteStop(model), Monitor(model, t, probe_fn)]
     if chief:
-        cbs.append(EpochLog())
-    cbs.append(Checkpointer())
+        cbs.append(EpochLog(run_dir, model))
+    cbs.append(Checkpointer(run_dir, model, t, chief))
     if chief:
         cbs.append(keras.callbacks.TensorBoard(log_dir=str(run_dir / "tensorboard"), write_graph=False))
     return cbs
 
 
-def _update_run_json(run_dir: Path, **fields: Any) -> None:
-    """Merge fields into run.json atomically."""
-    path = run_dir / "run.json"
-    data = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-    data.update(fields)
-    atomic.write_json(path, data)
-
-
-def _make_probe_fn(cache, config: TrainingConfig, max_clips: int = 300):
+def _make_probe_fn(cache, config: TrainingConfig, geometry: TileGeometry, max_clips: int = 300):
     """A function encoder -> held-out logistic-probe accuracy, or None without labels."""
     labels = cache.index["label"].astype(str)
     if (labels == "").all() or labels[labels != ""].nunique() < 2:
@@ -513,14 +540,13 @@ def _make_probe_fn(cache, config: TrainingConfig, max_clips: int = 300):
     from sklearn.preprocessing import StandardScaler
 
     from .embed import embed_frames
-    from .tiles import TileGeometry
 
     rng = np.random.default_rng(config.train.seed)
     idx = cache.index[labels != ""]
     if len(idx) > max_clips:
         idx = idx.iloc[np.sort(rng.choice(len(idx), max_clips, replace=False))]
-    geometry = TileGeometry.from_config(config.tiles, cache.frames_per_second)
-    groups = [g or c for g, c in zip(idx["group"].astype(str), idx["clip_id"])]
+    # No prefix: a clip's own group is its id, as this callback has always split.
+    groups = list(group_or_self(idx["group"].astype(str).to_numpy(dtype=object), idx["clip_id"], prefix=""))
     y = idx["label"].astype(str).to_numpy()
     frames = [cache.frames(c) for c in idx["clip_id"]]
 
@@ -543,24 +569,6 @@ def _make_probe_fn(cache, config: TrainingConfig, max_clips: int = 300):
 def _is_terminal() -> bool:
     """True when stdout is an interactive terminal (not a pipe, a file or a CI log)."""
     return bool(getattr(sys.stdout, "isatty", None) and sys.stdout.isatty())
-
-
-def _epoch_line_callback(epochs: int):
-    """A Keras callback printing one line per epoch to stdout: epoch, step, seconds, the logs."""
-    import keras
-
-    class EpochLine(keras.callbacks.Callback):
-        def on_epoch_begin(self, epoch, logs=None):
-            self.started = time.time()
-
-        def on_epoch_end(self, epoch, logs=None):
-            logs = dict(logs or {})
-            step = int(logs.pop("step", 0))
-            values = " - ".join(f"{k} {float(v):.4g}" for k, v in logs.items())
-            print(f"epoch {epoch + 1}/{epochs} - step {step} - {time.time() - self.started:.1f} s - {values}",
-                  flush=True)
-
-    return EpochLine()
 
 
 def _flat(cfg: TrainingConfig) -> dict:
@@ -616,7 +624,7 @@ def resume_config(run_dir: str | os.PathLike, config: TrainingConfig | None) -> 
     longer = dataclasses.replace(saved, train=dataclasses.replace(saved.train, epochs=epochs))
     log.info("training %s longer: %d -> %d epochs", run_dir, saved.train.epochs, epochs)
     atomic.write_text(run_dir / "config.yaml", dump_yaml(longer))
-    _update_run_json(run_dir, status="training")  # no longer complete until the new epochs are done
+    update_run_json(run_dir, status="training")  # no longer complete until the new epochs are done
     return longer
 
 
@@ -658,8 +666,6 @@ def train(
     Path
         The run directory, holding ``encoder.keras`` when training finished.
     """
-    import keras
-
     from .features import open_cache
     from .rules import choose_training
     from .sampler import TripletSampler
@@ -694,6 +700,8 @@ def train(
     # Non-chief workers keep their own copy of the outputs, so nothing is written twice.
     own_dir = run_dir if chief else run_dir / f"worker_{worker}"
     atomic.ensure_dir(own_dir, "run folder")
+    # Seconds become frames here once; run.json keeps the result for every later reader.
+    geometry = TileGeometry.from_config(config.tiles, fc.frames_per_second)
     if not is_run_dir(own_dir):
         atomic.write_text(own_dir / "config.yaml", dump_yaml(config))
         shutil.copyfile(Path(fc.path) / "params.json", own_dir / "features.json")
@@ -702,7 +710,7 @@ def train(
             {"cache": str(Path(fc.path).resolve()), "status": "started", "step": 0, "epoch": 0,
              "label_free": config.sampler.label_free, "mode": config.sampler.mode,
              "encoder": config.model.encoder, "seed": t.seed, "workers": n_workers, "train_seconds": 0.0,
-             "auto": auto},
+             "auto": auto, "geometry": geometry_record(geometry)},
         )
     log.info("run directory: %s", own_dir)
 
@@ -753,14 +761,14 @@ def train(
 
         return strat.distribute_datasets_from_function(per_worker)
 
-    probe_fn = _make_probe_fn(fc, config) if t.probe_every_epochs and chief else None
+    probe_fn = _make_probe_fn(fc, config, geometry) if t.probe_every_epochs and chief else None
     callbacks = _callbacks(run_dir, model, config, chief, probe_fn)
     started = time.time()
     epoch, offset = divmod(step, t.steps_per_epoch)
     # Keras's bar is for terminals; in a CI log, `| tee` or nohup it is one line per epoch.
     verbose = 1 if progress and _is_terminal() else 0
     if not verbose:
-        callbacks = callbacks + [_epoch_line_callback(t.epochs)]
+        callbacks = callbacks + [EpochLine(t.epochs)]
     if offset:
         # Finish the interrupted epoch first, then run whole epochs.
         model.fit(dataset_from(step), epochs=epoch + 1, initial_epoch=epoch,
@@ -774,7 +782,7 @@ def train(
     if bad_step is not None:
         ckpts = _checkpoint_dirs(run_dir)
         last = ckpts[-1].name if ckpts else None
-        _update_run_json(own_dir, status="failed", failed_step=bad_step, error="non-finite loss",
+        update_run_json(own_dir, status="failed", failed_step=bad_step, error="non-finite loss",
                          last_good_checkpoint=last)
         raise Tile2AudioError(
             f"{own_dir}: training stopped at step {bad_step}: the loss is NaN or infinite; "
@@ -784,33 +792,7 @@ def train(
 
     save_keras_atomic(model.export(), own_dir / "encoder.keras")
     previous = read_run(own_dir).get("train_seconds", 0.0)
-    _update_run_json(own_dir, status="complete", step=int(model.optimizer.iterations.numpy()),
+    update_run_json(own_dir, status="complete", step=int(model.optimizer.iterations.numpy()),
                      epoch=t.epochs, train_seconds=round(previous + elapsed, 2))
     log.info("training finished: %s (%.1f s)", own_dir / "encoder.keras", elapsed)
     return own_dir
-
-
-def load_encoder(run_dir: str | os.PathLike, weights: str = "trained"):
-    """Load a run's encoder with Keras safe mode.
-
-    Parameters
-    ----------
-    run_dir : path
-    weights : ``trained`` (``encoder.keras``) or ``init`` (``encoder_init.keras``, the
-        same architecture with its random initial weights)
-    """
-    import keras
-
-    from . import models  # noqa: F401  (registers custom layers before loading)
-
-    name = {"trained": "encoder.keras", "init": "encoder_init.keras"}.get(weights)
-    if name is None:
-        raise Tile2AudioError(f"weights must be 'trained' or 'init', got {weights!r}")
-    path = Path(run_dir) / name
-    if not path.is_file():
-        raise Tile2AudioError(f"{path} not found: has the run finished training?")
-    # Keras reports a cut-off .keras zip as "File not found"; name the real cause.
-    if not zipfile.is_zipfile(path):
-        raise Tile2AudioError(f"{path}: truncated or corrupt .keras file (not a complete zip archive); "
-                              "copy it again or retrain the run")
-    return keras.saving.load_model(str(path), safe_mode=True, compile=False)

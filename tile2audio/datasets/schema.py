@@ -15,8 +15,9 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Mapping, Sequence
 
+import numpy as np
 import pandas as pd
 
 from ..atomic import write_csv
@@ -24,12 +25,14 @@ from ..errors import Tile2AudioError
 
 MANIFEST_COLUMNS: tuple[str, ...] = ("clip_id", "path", "root", "label", "split", "fold", "group")
 SPLITS: tuple[str, ...] = ("train", "valid", "test")
-_STRING_COLUMNS = ("clip_id", "path", "root", "label", "split", "group")
+TEXT_COLUMNS: tuple[str, ...] = ("clip_id", "path", "root", "label", "split", "group")
+#: Prefix that keeps a clip's own group apart from any real group name (see :func:`group_or_self`).
+OWN_GROUP_PREFIX = "\x00clip:"
 _INT_TEXT = re.compile(r"^\s*(\d+)(?:\.0*)?\s*$")
 _MAX_SHOWN = 5
 
 
-def _is_missing(value: Any) -> bool:
+def is_missing(value: Any) -> bool:
     """True for None, NaN, pd.NA and NaT."""
     try:
         return bool(pd.isna(value))
@@ -37,10 +40,52 @@ def _is_missing(value: Any) -> bool:
         return False
 
 
+def text_column(table: pd.DataFrame, name: str, *, strip: bool = False) -> np.ndarray:
+    """One clip-table column as strings, ``""`` for missing cells or a missing column.
+
+    Parameters
+    ----------
+    table : pandas.DataFrame, n_clips rows
+    name : str
+        Column name (``label``, ``split``, ``group``, ...).
+    strip : bool
+        Also strip surrounding white space (the sampler's reading of labels and groups).
+
+    Returns
+    -------
+    np.ndarray
+        object array of str, shape (n_clips,).
+    """
+    if name not in table.columns:
+        return np.full(len(table), "", dtype=object)
+    text = table[name].fillna("").astype(str)
+    return (text.str.strip() if strip else text).to_numpy(dtype=object)
+
+
+def group_or_self(groups: Sequence[str], clip_ids: Sequence[str], prefix: str = OWN_GROUP_PREFIX) -> np.ndarray:
+    """Each clip's group, where a clip without one (``""``) is its own group.
+
+    Parameters
+    ----------
+    groups, clip_ids : sequences of str, length n_clips
+    prefix : str
+        Put before a clip id used as a group. The default cannot collide with a real
+        group name; the training probe callback passes ``""`` (its splits predate it).
+
+    Returns
+    -------
+    np.ndarray
+        object array of str, shape (n_clips,).
+    """
+    g = np.asarray(groups, dtype=object)
+    own = np.asarray([prefix + str(c) for c in clip_ids], dtype=object)
+    return np.where(g == "", own, g)
+
+
 def _as_text(series: pd.Series) -> pd.Series:
     """Strings with ``""`` for missing cells (whatever the input dtype)."""
     return pd.Series(
-        ["" if _is_missing(v) else str(v) for v in series], index=series.index, dtype=str
+        ["" if is_missing(v) else str(v) for v in series], index=series.index, dtype=str
     )
 
 
@@ -57,7 +102,7 @@ def _rows_text(df: pd.DataFrame, positions: Iterable[int]) -> str:
 
 def parse_fold_value(value: Any) -> int | None:
     """One fold cell as an int (None when empty); raise ValueError when not an integer >= 0."""
-    if _is_missing(value):
+    if is_missing(value):
         return None
     if isinstance(value, bool):
         raise ValueError(value)
@@ -132,7 +177,7 @@ def validate_manifest(df: pd.DataFrame, *, name: str = "manifest") -> pd.DataFra
         )
     extras = [c for c in df.columns if c not in MANIFEST_COLUMNS]
     out = df.loc[:, list(MANIFEST_COLUMNS) + extras].reset_index(drop=True).copy()
-    for col in _STRING_COLUMNS:
+    for col in TEXT_COLUMNS:
         out[col] = _as_text(out[col])
     _check_clip_ids(out, name)
     empty_path = [i for i, p in enumerate(out["path"]) if p.strip() == ""]
