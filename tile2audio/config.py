@@ -425,6 +425,11 @@ class TrainingConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
+    @property
+    def rule_pending(self) -> bool:
+        """True while a setting of :func:`tile2audio.rules.choose_training` is still ``auto``."""
+        return self.tiles.is_auto or self.sampler.is_auto or is_auto(self.loss.symmetric)
+
 
 @dataclass(frozen=True)
 class DataConfig:

@@ -129,9 +129,8 @@ def choose_training(config: TrainingConfig, index: pd.DataFrame,
         chosen[f"{section}.{key}"] = value
         return value
 
-    tile = MAX_TILE_SECONDS if is_auto(t.tile_seconds) else float(t.tile_seconds)
-    if is_auto(t.tile_seconds):
-        tile = round(min(MAX_TILE_SECONDS, max(median / 3.0, min(median, MIN_TILE_SECONDS))), 3)
+    rule_tile = round(min(MAX_TILE_SECONDS, max(median / 3.0, min(median, MIN_TILE_SECONDS))), 3)
+    tile = rule_tile if is_auto(t.tile_seconds) else float(t.tile_seconds)
     tiles = replace(
         t,
         tile_seconds=pick("tiles", "tile_seconds", t.tile_seconds, tile),

@@ -31,7 +31,7 @@ import numpy as np
 import tensorflow as tf
 
 from . import atomic, losses
-from .config import TrainingConfig, dump_yaml, is_auto, to_dict
+from .config import TrainingConfig, dump_yaml, to_dict
 from .datasets.schema import group_or_self
 from .errors import Tile2AudioError
 from .models import build_decoder, build_encoder, export_encoder
@@ -678,17 +678,17 @@ def train(
     if out.exists() and not out.is_dir():
         raise Tile2AudioError(f"{out}: -o names an existing file, not a runs folder or run directory")
     auto: dict = {}
-    new_run = not resume or (exact and not is_run_dir(out))
-    if new_run and (config.tiles.is_auto or config.sampler.is_auto or is_auto(config.loss.symmetric)):
-        # The automatic rule reads the cache's clips first: the run's name uses the tile length.
-        first = open_cache(cache)
-        config, auto = choose_training(config, first.index, first.frames_per_second)
+    fc = None
+    if (not resume or (exact and not is_run_dir(out))) and config.rule_pending:
+        # A new run: the automatic rule reads the cache's clips first, as the run's name uses the tile length.
+        fc = open_cache(cache)
+        config, auto = choose_training(config, fc.index, fc.frames_per_second)
     run_dir, resuming = _resolve_run_dir(out, config, resume, exact, stamp="multiworker" if n_workers > 1 else None)
     if resuming:  # _resolve_run_dir only resumes existing run directories
         # Compared as given: "auto" values equal the defaults, so they never count as a change.
         config = resume_config(run_dir, given)
         cache = read_run(run_dir).get("cache", cache)
-    fc = open_cache(cache)
+    fc = fc or open_cache(cache)  # opened once: a new run's rule has read it already
     if config.sampler.mode == "supervised" and (fc.index["label"].astype(str) == "").all():
         raise Tile2AudioError("sampler.mode 'supervised' needs labels, and the cache has none")
     if config.train.precision == "auto":
