@@ -1,8 +1,11 @@
 """The sampler's seeded index draws, as TensorFlow graph functions.
 
 Every draw maps uniforms ``u`` in [0, 1) (from a stateless generator, so a batch is a
-pure function of seed and step) to indices; :class:`tile2audio.sampler.TripletSampler`
-composes them into the per-mode anchor, neighbour and opposite draws.
+pure function of seed and step) to indices. :func:`tile2vec_draw` and
+:func:`supervised_draw` compose them into the per-mode anchor, neighbour and opposite
+draws of one batch, and :func:`gather_tiles` cuts the tiles;
+:class:`tile2audio.sampler.TripletSampler` calls them once per batch. ``pool`` is the
+dict of pool tensors named as the fields of :class:`tile2audio.pools.PoolArrays`.
 """
 
 from __future__ import annotations
@@ -45,3 +48,81 @@ def other_clip(u, clip, n):
     """A clip position other than ``clip`` (``clip`` itself when the pool has one clip)."""
     k = randint(u, n - 1)
     return tf.where(n > 1, tf.where(k >= clip, k + 1, k), clip)
+
+
+def tile2vec_draw(u: tf.Tensor, pool: dict, tile_frames: int, min_gap_frames: int, neighbourhood_frames: int,
+                  view: bool = False, distant_frames: int = 0, distant_prob: float = 0.0):
+    """Clip positions and tile starts of one tile2vec batch.
+
+    Parameters
+    ----------
+    u : tf.Tensor, float64 (>= 7, B)
+        Uniforms; rows 0-4 drive anchor, neighbour and opposite, rows 5-6 the distant draw.
+    view : bool
+        Anchor and positive are two independent uniform crops of the clip.
+    distant_prob : float
+        With this probability (``tile2vec-distant``; 0 turns it off) the opposite is a
+        tile of the anchor's clip at least ``distant_frames`` from the anchor, when the
+        clip is long enough.
+
+    Returns
+    -------
+    clips, starts : tf.Tensor, int32 (3B,)
+        Pool clip positions and start frames: anchors, then neighbours, then opposites.
+    """
+    n_clips = tf.size(pool["offsets"])
+    a = randint(u[0], n_clips)
+    span = tf.gather(pool["lengths"], a) - tile_frames
+    if view:
+        a_s, n_s = randint(u[1], span + 1), randint(u[2], span + 1)
+    else:
+        a_s = anchor_start(u[1], span, min_gap_frames)
+        n_s = neighbour_start(u[2], a_s, span, min_gap_frames, neighbourhood_frames)
+    o, found = outside_block(u[3], tf.gather(pool["g_start"], a), tf.gather(pool["g_count"], a),
+                             n_clips, pool["g_order"])
+    o = tf.where(found, o, other_clip(u[3], a, n_clips))
+    o_s = randint(u[4], tf.gather(pool["lengths"], o) - tile_frames + 1)
+    if distant_prob > 0:
+        d = distant_frames
+        far, far_ok = two_segments(u[6], 0, a_s - d, a_s + d, span)
+        same = (u[5] < distant_prob) & far_ok
+        o = tf.where(same, a, o)
+        o_s = tf.where(same, far, o_s)
+    return tf.concat([a, a, o], 0), tf.concat([a_s, n_s, o_s], 0)
+
+
+def anchor_start(u: tf.Tensor, span: tf.Tensor, gap: int) -> tf.Tensor:
+    """Anchor starts, uniform over the starts that leave room for a neighbour >= ``gap`` away."""
+    start, ok = two_segments(u, 0, span - gap, tf.maximum(gap, span - gap + 1), span)
+    return tf.where(ok, start, randint(u, span + 1))
+
+
+def neighbour_start(u: tf.Tensor, a_s: tf.Tensor, span: tf.Tensor, gap: int, hood: int) -> tf.Tensor:
+    """Neighbour starts within ``hood`` of the anchor and >= ``gap`` from it (the farthest if impossible)."""
+    lo = tf.maximum(a_s - hood, 0)
+    hi = tf.minimum(a_s + hood, span)
+    start, ok = two_segments(u, lo, a_s - gap, a_s + max(gap, 1), hi)
+    farthest = tf.where(a_s - lo >= hi - a_s, lo, hi)
+    return tf.where(ok, start, farthest)
+
+
+def supervised_draw(u: tf.Tensor, pool: dict, tile_frames: int):
+    """Clip positions and starts, each int32 (3B,), of one supervised batch (uniforms ``u`` (>= 6, B))."""
+    n_clips = tf.size(pool["offsets"])
+    a = randint(u[0], n_clips)
+    a_s = randint(u[1], tf.gather(pool["lengths"], a) - tile_frames + 1)
+    l_start, l_count = tf.gather(pool["l_start"], a), tf.gather(pool["l_count"], a)
+    n, found = inside_block_excluding(u[2], l_start, l_count, tf.gather(pool["l_rank"], a), pool["l_order"])
+    n = tf.where(found, n, a)
+    n_s = randint(u[3], tf.gather(pool["lengths"], n) - tile_frames + 1)
+    o, found = outside_block(u[4], l_start, l_count, n_clips, pool["l_order"])
+    o = tf.where(found, o, other_clip(u[4], a, n_clips))
+    o_s = randint(u[5], tf.gather(pool["lengths"], o) - tile_frames + 1)
+    return tf.concat([a, n, o], 0), tf.concat([a_s, n_s, o_s], 0)
+
+
+def gather_tiles(pool: dict, clips: tf.Tensor, starts: tf.Tensor, tile_frames: int) -> tf.Tensor:
+    """Cut tiles at pool clip positions ``clips`` and ``starts`` (each (n,)): float32 (n, T, M), one gather."""
+    first = tf.gather(pool["offsets"], clips) + starts
+    rows = first[:, None] + tf.range(tile_frames, dtype=tf.int32)[None, :]
+    return tf.cast(tf.gather(pool["frames"], rows), tf.float32)
