@@ -417,6 +417,17 @@ def test_validate_reorders_columns_and_normalises(tmp_path):
     assert clean["fold"].tolist()[::2] == [1, 3]
 
 
+def test_validate_required_subset_fills_the_other_columns():
+    df = pd.DataFrame({"path": ["a.wav", "b.wav"], "clip_id": ["a", "b"], "extra": [1, 2]})
+    clean = validate_manifest(df, required=("clip_id", "path"))
+    assert list(clean.columns) == list(MANIFEST_COLUMNS) + ["extra"]
+    assert clean["label"].tolist() == ["", ""] and clean["fold"].isna().all()
+    with pytest.raises(Tile2AudioError, match="missing required column.*label"):
+        validate_manifest(df)
+    with pytest.raises(Tile2AudioError, match="'split'.*'training'"):
+        validate_manifest(df.assign(split=["training", ""]), required=("clip_id", "path"))
+
+
 @pytest.mark.parametrize("edit,pattern", [
     (lambda d: d.drop(columns=["split"]), "missing required column.*split"),
     (lambda d: d.assign(clip_id=["a", "a", "c"]), "'clip_id' must be unique.*'a'"),

@@ -69,7 +69,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 from . import atomic
-from .config import ExperimentConfig, FeatureParams, TrainingConfig, to_dict
+from .config import ENCODERS, ExperimentConfig, FeatureParams, TrainingConfig, to_dict
 from .errors import Tile2AudioError
 
 if TYPE_CHECKING:
@@ -77,7 +77,6 @@ if TYPE_CHECKING:
     from .tiles import TileGeometry
 
 WHAT = ("features", "sampler", "train", "all")
-ENCODERS = ("cnn", "crnn", "resnet18")
 
 #: Steps of the memory-bounded run, and pool rotation period (so several pools load).
 MEMORY_STEPS = 8

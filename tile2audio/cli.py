@@ -23,7 +23,10 @@ def _k_range(text: str) -> tuple[int, int]:
 
 
 def _parser() -> argparse.ArgumentParser:
+    from .bench import WHAT
     from .config import LEVELS, STRATEGIES, WEIGHTS
+    from .datasets import SOURCES
+    from .datasets.fma import SUBSETS
 
     p = argparse.ArgumentParser(prog="tile2audio", description="Label-free Tile2Vec-style audio embeddings.")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -31,11 +34,11 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("manifest", help="build a manifest CSV from a data set's layout")
-    s.add_argument("source", choices=["gtzan", "fma", "dcase2018", "folder", "csv"])
+    s.add_argument("source", choices=list(SOURCES))
     s.add_argument("root", help="data root (for csv: the CSV file)")
     s.add_argument("-o", "--output", required=True, help="output manifest CSV")
     s.add_argument("--split-dir", help="gtzan: folder with train/valid/test_filtered.txt")
-    s.add_argument("--subset", default="small", choices=["small", "medium", "large"], help="fma subset")
+    s.add_argument("--subset", default="small", choices=SUBSETS, help="fma subset")
     for col in ("path", "label", "split", "fold", "group", "clip-id"):
         s.add_argument(f"--{col}-column", help=f"csv: column holding the {col.replace('-', ' ')}")
     s.set_defaults(func=_manifest)
@@ -106,7 +109,7 @@ def _parser() -> argparse.ArgumentParser:
     s.set_defaults(func=_demo)
 
     s = sub.add_parser("bench", help="speed benchmarks (JSON)")
-    s.add_argument("what", choices=["features", "sampler", "train", "all"])
+    s.add_argument("what", choices=WHAT)
     s.add_argument("--data", help="a folder of labelled audio (default: synthetic demo data)")
     s.add_argument("--json", help="also write the JSON here")
     s.add_argument("--seconds", type=float, default=5.0, help="measuring time per figure")

@@ -35,6 +35,7 @@ from . import atomic
 from .datasets.schema import text_column
 from .errors import Tile2AudioError
 from .runs import open_run, read_run
+from .tiles import cut_tiles
 
 log = logging.getLogger(__name__)
 
@@ -302,7 +303,11 @@ def _check_finite_weights(encoder, run_dir: Path, weights: str) -> None:
 
 
 def embed_frames(encoder, frames: np.ndarray, geometry, batch_size: int = 128) -> tuple[np.ndarray, np.ndarray]:
-    """Embed one clip's normalised log-mel frames tile by tile.
+    """Embed one clip's normalised log-mel frames tile by tile: :func:`tile2audio.tiles.cut_tiles`, batched.
+
+    The tiles are cut once (float32, ``tile_frames / hop_frames`` times the frames'
+    size) and fed to the encoder ``batch_size`` at a time, which bounds the activation
+    memory on hour-long clips.
 
     Parameters
     ----------
@@ -311,26 +316,17 @@ def embed_frames(encoder, frames: np.ndarray, geometry, batch_size: int = 128) -
     frames : np.ndarray, shape (n_frames, n_mels)
     geometry : tile2audio.tiles.TileGeometry
     batch_size : int
-        Tiles per forward pass; bounds memory on hour-long clips.
+        Tiles per forward pass.
 
     Returns
     -------
     embeddings : np.ndarray, shape (n_tiles, D)
     timestamps : np.ndarray, shape (n_tiles, 2), start and end in seconds
     """
-    from .tiles import tile_starts, tile_timestamps
-    from .audio import loop_pad
-
-    n = len(frames)
-    T = geometry.tile_frames
-    starts = tile_starts(n, T, geometry.hop_frames)
-    padded = loop_pad(frames, T) if n < T else frames
-    out = []
-    for i in range(0, len(starts), batch_size):
-        s = starts[i : i + batch_size]
-        tiles = np.stack([padded[a : a + T] for a in s])[..., None].astype(np.float32)
-        out.append(np.asarray(encoder(tiles, training=False)))
-    return np.concatenate(out), tile_timestamps(starts, n, T, geometry.frames_per_second)
+    tiles, timestamps = cut_tiles(frames, geometry)
+    out = [np.asarray(encoder(tiles[i:i + batch_size, ..., None], training=False))
+           for i in range(0, len(tiles), batch_size)]
+    return np.concatenate(out), timestamps
 
 
 def _clip_sources(paths, root=None):

@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 from . import atomic
 from .audio import TruncatedAudioWarning, is_silent, load_audio, loop_pad
 from .config import FeatureParams, to_dict
-from .datasets.schema import MANIFEST_COLUMNS, TEXT_COLUMNS, is_missing
+from .datasets.schema import MANIFEST_COLUMNS, fold_column, validate_manifest
 from .errors import Tile2AudioError
 
 log = logging.getLogger(__name__)
@@ -256,34 +256,11 @@ def extract_clip(path: str | os.PathLike, params: FeatureParams = FeatureParams(
 
 
 def _normalise_manifest(df: pd.DataFrame) -> pd.DataFrame:
-    """Manifest columns with the schema's dtypes; raise for missing columns or bad ids."""
-    missing = [c for c in ("clip_id", "path") if c not in df.columns]
-    if missing:
-        raise Tile2AudioError(f"manifest lacks required column(s) {missing}; it has {list(df.columns)}")
+    """The schema columns of a manifest table (:func:`~tile2audio.datasets.schema.validate_manifest`; only
+    ``clip_id`` and ``path`` are required, absent schema columns are empty)."""
     if len(df) == 0:
         raise Tile2AudioError("manifest has no rows")
-    out = pd.DataFrame(index=range(len(df)))
-    for col in TEXT_COLUMNS:
-        values = df[col] if col in df.columns else pd.Series([""] * len(df))
-        out[col] = [("" if is_missing(v) else str(v)) for v in values]
-    out["fold"] = _to_fold(df["fold"] if "fold" in df.columns else pd.Series([None] * len(df)))
-    empty = out["clip_id"] == ""
-    if empty.any():
-        raise Tile2AudioError(f"manifest has {int(empty.sum())} row(s) with an empty clip_id")
-    dup = out["clip_id"][out["clip_id"].duplicated()].unique()
-    if len(dup):
-        raise Tile2AudioError(f"manifest has duplicate clip_id(s): {', '.join(map(str, dup[:5]))}")
-    return out[list(MANIFEST_COLUMNS)]
-
-
-def _to_fold(values: pd.Series) -> pd.Series:
-    """Fold column as pandas Int64 ("" and NaN become NA); raise for non-integers."""
-    cleaned = pd.Series([None if is_missing(v) or v == "" else v for v in values], dtype=object)
-    try:
-        numeric = pd.to_numeric(cleaned)
-        return pd.array(numeric, dtype="Int64")
-    except (ValueError, TypeError) as exc:
-        raise Tile2AudioError(f"manifest fold column must hold integers or be empty: {exc}") from exc
+    return validate_manifest(df, required=("clip_id", "path"))[list(MANIFEST_COLUMNS)]
 
 
 def _read_manifest_csv(path: Path) -> pd.DataFrame:
@@ -814,7 +791,7 @@ def _typed_index(df: pd.DataFrame, path: Path) -> pd.DataFrame:
             df[col] = df[col].astype(np.int64)
         for col in ("duration_s", "min", "max"):
             df[col] = df[col].astype(np.float64)
-        df["fold"] = _to_fold(df["fold"])
+        df["fold"] = fold_column(df, str(path))
     except (ValueError, TypeError, Tile2AudioError) as exc:
         raise Tile2AudioError(f"{path} has malformed numeric columns: {exc}") from exc
     return df[INDEX_COLUMNS + [c for c in df.columns if c not in INDEX_COLUMNS]]

@@ -32,7 +32,6 @@ import tensorflow as tf
 
 from . import atomic, losses
 from .config import TrainingConfig, dump_yaml, to_dict
-from .datasets.schema import group_or_self
 from .errors import Tile2AudioError
 from .models import build_decoder, build_encoder, export_encoder
 from .runs import geometry_record, is_run_dir, latest_run, load_run_config, read_run, save_keras_atomic, update_run_json
@@ -529,36 +528,46 @@ def _callbacks(run_dir: Path, model, config: TrainingConfig, chief: bool, probe_
 
 
 def _make_probe_fn(cache, config: TrainingConfig, geometry: TileGeometry, max_clips: int = 300):
-    """A function encoder -> held-out logistic-probe accuracy, or None without labels."""
+    """A function encoder -> held-out logistic-probe accuracy, or None without labels.
+
+    The splits are :func:`tile2audio.probes.make_splits` of (up to ``max_clips``) labelled
+    clips, with the report's protocol (``auto``: split, fold, else 2-fold grouped k-fold),
+    so the monitor never mixes a group across sides; C is fixed at 1 and the figure is
+    the mean test accuracy over the splits.
+    """
     labels = cache.index["label"].astype(str)
     if (labels == "").all() or labels[labels != ""].nunique() < 2:
         log.info("probe callback off: the cache has no labels")
         return None
     from sklearn.linear_model import LogisticRegression
-    from sklearn.model_selection import StratifiedGroupKFold
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
+    from .config import ProbeConfig
     from .embed import embed_frames
+    from .probes import make_splits
 
     rng = np.random.default_rng(config.train.seed)
-    idx = cache.index[labels != ""]
+    idx = cache.index[labels != ""].reset_index(drop=True)
     if len(idx) > max_clips:
-        idx = idx.iloc[np.sort(rng.choice(len(idx), max_clips, replace=False))]
-    # No prefix: a clip's own group is its id, as this callback has always split.
-    groups = list(group_or_self(idx["group"].astype(str).to_numpy(dtype=object), idx["clip_id"], prefix=""))
+        idx = idx.iloc[np.sort(rng.choice(len(idx), max_clips, replace=False))].reset_index(drop=True)
+    try:
+        splits = make_splits(idx, ProbeConfig(n_splits=2, seed=config.train.seed))
+    except Tile2AudioError as exc:
+        log.warning("probe callback off: %s", exc)
+        return None
     y = idx["label"].astype(str).to_numpy()
     frames = [cache.frames(c) for c in idx["clip_id"]]
 
     def probe(encoder) -> float:
         X = np.stack([embed_frames(encoder, f, geometry)[0].mean(axis=0) for f in frames])
-        n_splits = int(min(2, np.bincount(np.unique(y, return_inverse=True)[1]).min()))
-        if n_splits < 2:
-            return float("nan")
-        tr, te = next(StratifiedGroupKFold(n_splits=2, shuffle=True, random_state=0).split(X, y, groups))
-        clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000))
-        clf.fit(X[tr], y[tr])
-        return float((clf.predict(X[te]) == y[te]).mean())
+        scores = []
+        for split in splits:
+            fit = np.concatenate([split.train, split.valid])
+            clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000))
+            clf.fit(X[fit], y[fit])
+            scores.append(float((clf.predict(X[split.test]) == y[split.test]).mean()))
+        return float(np.mean(scores))
 
     return probe
 

@@ -123,8 +123,8 @@ def parse_fold_value(value: Any) -> int | None:
     return int(m.group(1))
 
 
-def _normalise_fold(df: pd.DataFrame, name: str) -> pd.Series:
-    """The fold column as pandas Int64, or raise naming the bad rows."""
+def fold_column(df: pd.DataFrame, name: str = "manifest") -> pd.Series:
+    """``df["fold"]`` as pandas Int64 (NA for empty cells), or raise naming the bad rows (not integers >= 0)."""
     values, bad = [], []
     for pos, v in enumerate(df["fold"]):
         try:
@@ -141,7 +141,8 @@ def _normalise_fold(df: pd.DataFrame, name: str) -> pd.Series:
     return pd.array(values, dtype="Int64")
 
 
-def validate_manifest(df: pd.DataFrame, *, name: str = "manifest") -> pd.DataFrame:
+def validate_manifest(df: pd.DataFrame, *, name: str = "manifest",
+                      required: Sequence[str] = MANIFEST_COLUMNS) -> pd.DataFrame:
     """Check a manifest table and return a normalised copy.
 
     Parameters
@@ -151,6 +152,11 @@ def validate_manifest(df: pd.DataFrame, *, name: str = "manifest") -> pd.DataFra
         per clip, and any extra columns.
     name : str
         What to call the table in error messages (e.g. the CSV's path).
+    required : sequence of str
+        The schema columns that must be present; any other schema column that is
+        absent is added empty. The default requires all of them (a manifest CSV);
+        :func:`tile2audio.features.build_cache` requires only ``clip_id`` and ``path``
+        of a DataFrame it is given.
 
     Returns
     -------
@@ -169,12 +175,13 @@ def validate_manifest(df: pd.DataFrame, *, name: str = "manifest") -> pd.DataFra
     """
     if not isinstance(df, pd.DataFrame):
         raise Tile2AudioError(f"{name}: expected a pandas DataFrame, got {type(df).__name__}")
-    missing = [c for c in MANIFEST_COLUMNS if c not in df.columns]
+    missing = [c for c in required if c not in df.columns]
     if missing:
         raise Tile2AudioError(
             f"{name}: missing required column(s) {', '.join(missing)}; a manifest needs "
             f"{', '.join(MANIFEST_COLUMNS)} (found: {', '.join(map(str, df.columns)) or 'none'})"
         )
+    df = df.assign(**{c: [""] * len(df) for c in MANIFEST_COLUMNS if c not in df.columns})
     extras = [c for c in df.columns if c not in MANIFEST_COLUMNS]
     out = df.loc[:, list(MANIFEST_COLUMNS) + extras].reset_index(drop=True).copy()
     for col in TEXT_COLUMNS:
@@ -191,7 +198,7 @@ def validate_manifest(df: pd.DataFrame, *, name: str = "manifest") -> pd.DataFra
             f"{name}: column 'split' must be one of {', '.join(SPLITS)} or empty; found "
             f"{', '.join(map(repr, values[:_MAX_SHOWN]))} at {_rows_text(out, bad_split)}"
         )
-    out["fold"] = _normalise_fold(out, name)
+    out["fold"] = fold_column(out, name)
     return out
 
 
@@ -206,7 +213,7 @@ def _check_clip_ids(df: pd.DataFrame, name: str) -> None:
         shown = ", ".join(repr(c) for c in dups.unique()[:_MAX_SHOWN])
         positions = [i for i, d in enumerate(dup_mask) if d]
         raise Tile2AudioError(
-            f"{name}: column 'clip_id' must be unique; {dups.nunique()} value(s) repeat "
+            f"{name}: column 'clip_id' must be unique; {dups.nunique()} duplicate clip_id value(s) "
             f"({shown}) at {_rows_text(df, positions)}"
         )
 
