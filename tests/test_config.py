@@ -107,10 +107,12 @@ def test_model_fields_are_checked_by_the_config(field, value):
 
 def test_choices_live_in_config():
     import tile2audio.losses as losses
-    from tile2audio import cli, config, features, sampler
+    from tile2audio import bench, cli, config, features, pools
 
     assert losses.DISTANCES is config.DISTANCES and losses.NEGATIVES is config.NEGATIVES
-    assert sampler.STD_FLOOR is features.STD_FLOOR and sampler.MIN_SCALE is features.MIN_SCALE
+    assert bench.ENCODERS is config.ENCODERS
+    # The sampler's in-graph normalisation (built by pools) uses the cache's floors, not copies.
+    assert pools.STD_FLOOR is features.STD_FLOOR and pools.MIN_SCALE is features.MIN_SCALE
     actions = {a.dest: a for p in cli._parser()._subparsers._group_actions[0].choices.values() for a in p._actions}
     assert tuple(actions["strategy"].choices) == config.STRATEGIES
     assert tuple(actions["weights"].choices) == config.WEIGHTS
