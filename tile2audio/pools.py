@@ -261,13 +261,14 @@ def load_pool(cache: FeatureSource, index: pd.DataFrame, units: list[LoadUnit], 
                                          int(cache.n_mels))
     if frames.shape[0] >= 2**31:
         raise Tile2AudioError("a sampler pool has more than 2**31 frames; lower sampler.memory_gb")
-    g_order, g_start, g_count, _ = blocks(groups[rows])
+    pool_groups = groups[rows].astype(np.int32)
+    g_order, g_start, g_count, _ = blocks(pool_groups)
     l_order, l_start, l_count, l_rank = blocks(labels[rows])
     s_clip, o_clip = clip_normalisation(index, cache.params.normalize, rows, augment)
     record = PoolRecord(pool, tuple(u.shard for u in units), len(rows), int(sum(u.nbytes for u in units)))
     i32 = np.int32
     arrays = PoolArrays(frames=frames, offsets=offsets.astype(i32), lengths=lengths.astype(i32),
-                        rows=rows.astype(i32), groups=groups[rows].astype(i32), g_order=g_order, g_start=g_start,
+                        rows=rows.astype(i32), groups=pool_groups, g_order=g_order, g_start=g_start,
                         g_count=g_count, l_order=l_order, l_start=l_start, l_count=l_count, l_rank=l_rank,
                         s_clip=s_clip, o_clip=o_clip)
     return arrays, record

@@ -161,11 +161,8 @@ class TripletSampler:
                              else np.arange(len(index), dtype=np.int32))
         self._label_codes = label_codes(index)
         rows = eligible_rows(index, self._label_codes, sampler.mode, sampler.clip_fraction, self.seed)
-        self.budget_nbytes = int(sampler.memory_gb * GIB)
-        self.plan = PoolPlan(cache, index, rows, self.geometry.tile_frames, self.budget_nbytes, self.seed,
+        self.plan = PoolPlan(cache, index, rows, self.geometry.tile_frames, int(sampler.memory_gb * GIB), self.seed,
                              self.worker_index, self.num_workers)
-        self.total_nbytes = self.plan.total_nbytes
-        self.rotating = self.plan.rotating
         self._check_enough_clips()
         self._band_affine = band_normalisation(cache)
         self._log_unit = log_unit(cache.params.log)
@@ -181,6 +178,21 @@ class TripletSampler:
     def tile_shape(self) -> tuple[int, int, int]:
         """Shape of one tile, ``(T, M, 1)``."""
         return (self.geometry.tile_frames, self.n_mels, 1)
+
+    @property
+    def rotating(self) -> bool:
+        """True when the worker's data exceeds ``sampler.memory_gb`` and pools rotate."""
+        return self.plan.rotating
+
+    @property
+    def total_nbytes(self) -> int:
+        """This worker's data as float32, in bytes."""
+        return self.plan.total_nbytes
+
+    @property
+    def budget_nbytes(self) -> int:
+        """The memory budget of one pool, in bytes."""
+        return self.plan.budget_nbytes
 
     @property
     def worker_shards(self) -> list[str]:
