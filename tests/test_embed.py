@@ -97,3 +97,20 @@ def test_label_free_result_is_false_for_supervised_kind():
     assert from_clip_matrix(clips, m, "t", kind="trained").label_free_result
     assert not from_clip_matrix(clips, m, "s", kind="supervised").label_free_result
     assert not from_clip_matrix(clips, m, "l", kind="trained", label_free=False).label_free_result
+
+
+@pytest.mark.parametrize("layer, dim", [("auto", 12), ("pooled", 8), ("output", 8)])
+def test_head_runs_embed_at_the_recorded_layer_for_trained_and_random(tiny_cache, tmp_path, layer, dim):
+    import yaml
+
+    from tile2audio.runs import read_run
+
+    cfg = load_training(None, TINY_TRAIN + ["train.epochs=1", "train.steps_per_epoch=2", "model.head_units=12",
+                                            f"model.embed_layer={layer}"])
+    run = train(tiny_cache, tmp_path / "run", cfg, exact=True, progress=False)
+    resolved = "hidden" if layer == "auto" else layer
+    assert read_run(run)["embed_layer"] == resolved
+    assert yaml.safe_load((run / "config.yaml").read_text())["model"]["embed_layer"] == resolved
+    for weights in ("trained", "init"):
+        emb = embed_fn(run, tiny_cache, weights=weights, progress=False)
+        assert emb.pooled("mean").shape[1] == dim

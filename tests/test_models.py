@@ -240,3 +240,28 @@ def test_crnn_unrolls_short_sequences_and_computes_what_the_loop_computes(monkey
     x = _tiles(4, seed=9)
     np.testing.assert_allclose(np.asarray(unrolled(x, training=True)), np.asarray(looped(x, training=True)),
                                atol=1e-6)
+
+
+def test_projection_head_layers_and_embedding_model_read_before_the_head(tmp_path):
+    from tile2audio.models import HEAD_HIDDEN, embedding_model
+
+    cfg = ModelConfig(widths=(4, 8), embedding_dim=6, head_units=10)
+    enc = build_encoder(cfg, (16, 16, 1), seed=0)
+    x = np.random.default_rng(0).standard_normal((3, 16, 16, 1)).astype(np.float32)
+    hidden = embedding_model(enc, "hidden")
+    pooled = embedding_model(enc, "pooled")
+    assert enc.output_shape == (None, 6) and hidden.output_shape == (None, 10) and pooled.output_shape == (None, 8)
+    h = hidden(x).numpy()
+    assert (h >= 0).all()  # the head's ReLU layer
+    # The head maps the pooled representation to the hidden layer, and the hidden layer to the output.
+    dense = enc.get_layer(HEAD_HIDDEN)
+    np.testing.assert_allclose(np.maximum(pooled(x).numpy() @ dense.kernel.numpy() + dense.bias.numpy(), 0), h,
+                               rtol=1e-4, atol=1e-5)
+    assert embedding_model(enc, "output") is enc
+    plain = build_encoder(ModelConfig(widths=(4, 8), embedding_dim=6), (16, 16, 1), seed=0)
+    assert embedding_model(plain, "pooled").output_shape == (None, 8)
+    with pytest.raises(Tile2AudioError, match="projection head"):
+        embedding_model(plain, "hidden")
+    with pytest.raises(Tile2AudioError, match="projection head"):
+        ModelConfig(embed_layer="hidden")
+    assert ModelConfig(head_units=4).embedding_layer == "hidden" and ModelConfig().embedding_layer == "output"

@@ -49,6 +49,8 @@ SAMPLER_MODES = ("tile2vec", "tile2vec-distant", "supervised")
 ENCODERS = ("cnn", "crnn", "resnet18")
 GLOBAL_POOLS = ("avg", "max", "avgmax", "time", "frames")
 LOSS_KINDS = ("triplet", "npair")
+#: The encoder layer that ``embed``, the probes, HEAR and export read (``ModelConfig.embed_layer``).
+EMBED_LAYERS = ("output", "hidden", "pooled")
 DISTANCES = ("squared", "euclidean")
 REDUCTIONS = ("zero_filtered", "mean")
 NEGATIVES = ("single", "batch_all", "semi_hard", "hardest")
@@ -294,6 +296,15 @@ class ModelConfig:
     ``frame_units`` (ReLU), then mean and max over time are concatenated (the head of
     BYOL-A's encoder): it keeps where in the spectrum energy sits, which global average
     pooling over frequency throws away.
+
+    ``head_units`` > 0 puts a SimCLR-style projection head between the pooled
+    representation and the loss: ``pooled -> Dense(head_units, ReLU) -> Dense(embedding_dim)
+    -> L2``. ``embed_layer`` chooses what ``embed``, the probes, the HEAR API and
+    ``export`` read: ``output`` (the loss's space), ``hidden`` (the head's ReLU layer) or
+    ``pooled`` (the body's pooled representation, the head's input). ``auto`` reads
+    ``hidden`` when there is a head and ``output`` otherwise (:attr:`embedding_layer`); the
+    run's config.yaml and run.json record the resolved value, and the random-weight twin
+    is read at the same layer.
     """
 
     encoder: str = "cnn"
@@ -311,9 +322,15 @@ class ModelConfig:
     resnet_width: int = 64
     l2_normalize: bool = True
     decoder: bool = False
+    head_units: int = 0
+    embed_layer: str = AUTO
 
     def __post_init__(self) -> None:
         _check_all_finite(self, "model")
+        _check_choice("model.embed_layer", self.embed_layer, (AUTO,) + EMBED_LAYERS)
+        _check_positive("model.head_units", self.head_units, allow_zero=True)
+        if self.embed_layer == "hidden" and not self.head_units:
+            raise Tile2AudioError("model.embed_layer 'hidden' needs a projection head (model.head_units > 0)")
         _check_choice("model.encoder", self.encoder, ENCODERS)
         _check_choice("model.global_pool", self.global_pool, GLOBAL_POOLS)
         _check_positive("model.embedding_dim", self.embedding_dim)
@@ -324,6 +341,13 @@ class ModelConfig:
                 raise Tile2AudioError(f"model.{name} must be > 0, got {getattr(self, name)!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise Tile2AudioError(f"model.dropout must be in [0, 1), got {self.dropout!r}")
+
+    @property
+    def embedding_layer(self) -> str:
+        """The layer embeddings are read at, ``auto`` resolved (see the class docstring)."""
+        if self.embed_layer != AUTO:
+            return self.embed_layer
+        return "hidden" if self.head_units else "output"
 
 
 @dataclass(frozen=True)

@@ -27,11 +27,13 @@ from typing import Sequence
 import keras
 import numpy as np
 
+from .config import EMBED_LAYERS
 from .config import PRECISIONS as CONFIG_PRECISIONS
 from .config import ModelConfig
 from .errors import Tile2AudioError
 
-__all__ = ["build_encoder", "build_decoder", "export_encoder", "describe", "FusedBatchNorm", "PRECISIONS"]
+__all__ = ["build_encoder", "build_decoder", "export_encoder", "embedding_model", "describe", "FusedBatchNorm",
+           "PRECISIONS", "HEAD_HIDDEN"]
 
 #: Keras dtype policies an encoder can be built in (``config.PRECISIONS`` without ``auto``).
 PRECISIONS = tuple(p for p in CONFIG_PRECISIONS if p != "auto")
@@ -39,6 +41,8 @@ PRECISIONS = tuple(p for p in CONFIG_PRECISIONS if p != "auto")
 
 #: Longest GRU sequence (time steps after the conv stack) that the CRNN unrolls.
 MAX_UNROLL_STEPS = 64
+#: Name of the projection head's hidden (ReLU) layer.
+HEAD_HIDDEN = "head_hidden"
 
 
 class FusedBatchNorm(keras.layers.BatchNormalization):
@@ -331,6 +335,11 @@ def build_encoder(
         x = _BODIES[model.encoder](inputs, model, seeds)
     finally:
         keras.config.set_dtype_policy(previous)
+    if model.head_units:
+        # SimCLR's projection head: the loss acts on its output, while embeddings are read
+        # before it (ModelConfig.embed_layer), where less is specialised to the pretext.
+        x = keras.layers.Dense(model.head_units, activation="relu", kernel_initializer=seeds.glorot(),
+                               name=HEAD_HIDDEN, dtype="float32")(x)
     x = keras.layers.Dense(model.embedding_dim, kernel_initializer=seeds.glorot(), name="embedding",
                            dtype="float32")(x)
     if model.l2_normalize:
@@ -360,6 +369,37 @@ def export_encoder(encoder: keras.Model, model: ModelConfig, precision: str = "f
                          precision=precision)
     twin.set_weights(encoder.get_weights())
     return twin
+
+
+def embedding_model(encoder: keras.Model, layer: str = "output") -> keras.Model:
+    """The part of an encoder that embeddings are read from (``ModelConfig.embed_layer``).
+
+    Parameters
+    ----------
+    encoder : keras.Model
+        From :func:`build_encoder` (or loaded from a run), mapping (B, T, M, 1) to (B, D).
+    layer : {"output", "hidden", "pooled"}
+        ``output``: the encoder itself; ``hidden``: the projection head's ReLU layer
+        (B, head_units); ``pooled``: the body's pooled representation (B, F), the input of
+        the first dense layer after the body.
+
+    Returns
+    -------
+    keras.Model
+        Shares ``encoder``'s layers and weights.
+    """
+    if layer not in EMBED_LAYERS:
+        raise Tile2AudioError(f"embed layer must be one of {list(EMBED_LAYERS)}, got {layer!r}")
+    if layer == "output":
+        return encoder
+    names = {lay.name for lay in encoder.layers}
+    if layer == "hidden":
+        if HEAD_HIDDEN not in names:
+            raise Tile2AudioError("embed layer 'hidden' needs an encoder with a projection head (model.head_units > 0)")
+        out = encoder.get_layer(HEAD_HIDDEN).output
+    else:
+        out = encoder.get_layer(HEAD_HIDDEN if HEAD_HIDDEN in names else "embedding").input
+    return keras.Model(encoder.input, out, name=f"{encoder.name}_{layer}")
 
 
 # --------------------------------------------------------------------------- decoder

@@ -153,14 +153,28 @@ class Run:
         """``run.json`` as it is now (status, step, ...); re-read on every access."""
         return read_run(self.path)
 
-    def encoder(self, weights: str = "trained"):
+    @property
+    def embed_layer(self) -> str:
+        """The layer embeddings are read at (``model.embed_layer`` resolved; ``output`` for older runs)."""
+        return self.config.model.embedding_layer
+
+    def encoder(self, weights: str = "trained", layer: str | None = None):
         """The run's encoder (``trained`` or ``init``), checked against the run's tile geometry.
+
+        Parameters
+        ----------
+        weights : {"trained", "init"}
+        layer : {"output", "hidden", "pooled"}, optional
+            Where to read embeddings; defaults to :attr:`embed_layer`, so ``embed``, the
+            probes, HEAR and export, and the random-weight twin, all read the same layer.
 
         Returns
         -------
         keras.Model
             Maps (B, T, M, 1) to (B, D), with T = ``geometry.tile_frames``.
         """
+        from .models import embedding_model
+
         model = load_encoder(self.path, weights)
         shape = tuple(model.input_shape)
         if len(shape) == 4 and shape[1] is not None and shape[1] != self.geometry.tile_frames:
@@ -169,7 +183,7 @@ class Run:
                 f"the run's tile geometry says {self.geometry.tile_frames}; config.yaml or run.json was "
                 "edited after training"
             )
-        return model
+        return embedding_model(model, layer or self.embed_layer)
 
 
 def _features_json(run_dir: Path) -> dict:

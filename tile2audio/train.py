@@ -33,7 +33,7 @@ import tensorflow as tf
 from . import atomic, losses
 from .config import TrainingConfig, dump_yaml, to_dict
 from .errors import Tile2AudioError
-from .models import build_decoder, build_encoder, export_encoder
+from .models import build_decoder, build_encoder, embedding_model, export_encoder
 from .runs import geometry_record, is_run_dir, latest_run, load_run_config, read_run, save_keras_atomic, update_run_json
 from .tiles import TileGeometry
 
@@ -560,7 +560,8 @@ def _make_probe_fn(cache, config: TrainingConfig, geometry: TileGeometry, max_cl
     frames = [cache.frames(c) for c in idx["clip_id"]]
 
     def probe(encoder) -> float:
-        X = np.stack([embed_frames(encoder, f, geometry)[0].mean(axis=0) for f in frames])
+        reader = embedding_model(encoder, config.model.embedding_layer)
+        X = np.stack([embed_frames(reader, f, geometry)[0].mean(axis=0) for f in frames])
         scores = []
         for split in splits:
             fit = np.concatenate([split.train, split.valid])
@@ -700,6 +701,9 @@ def train(
     fc = fc or open_cache(cache)  # opened once: a new run's rule has read it already
     if config.sampler.mode == "supervised" and (fc.index["label"].astype(str) == "").all():
         raise Tile2AudioError("sampler.mode 'supervised' needs labels, and the cache has none")
+    if config.model.embed_layer != config.model.embedding_layer:
+        # Recorded resolved, as every automatic choice, so a later default cannot change what a run embeds.
+        config = replace(config, model=replace(config.model, embed_layer=config.model.embedding_layer))
     if config.train.precision == "auto":
         # The run directory records the value chosen, so a resume on another machine keeps it.
         config = replace(config, train=replace(config.train, precision=resolve_precision("auto")))
@@ -719,7 +723,7 @@ def train(
             {"cache": str(Path(fc.path).resolve()), "status": "started", "step": 0, "epoch": 0,
              "label_free": config.sampler.label_free, "mode": config.sampler.mode,
              "encoder": config.model.encoder, "seed": t.seed, "workers": n_workers, "train_seconds": 0.0,
-             "auto": auto, "geometry": geometry_record(geometry)},
+             "auto": auto, "geometry": geometry_record(geometry), "embed_layer": config.model.embed_layer},
         )
     log.info("run directory: %s", own_dir)
 
