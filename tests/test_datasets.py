@@ -494,3 +494,26 @@ def test_text_column_and_group_or_self():
     groups = group_or_self(text_column(t, "group", strip=True), t["clip_id"])
     assert list(groups) == ["g", OWN_GROUP_PREFIX + "b", OWN_GROUP_PREFIX + "c"]
     assert list(group_or_self(["x", ""], ["a", "x"], prefix="")) == ["x", "x"]
+
+
+def test_merge_manifests_prefixes_ids_and_groups_keeps_roots(tmp_path, write_audio, tone_fn):
+    from tile2audio.cli import main as cli_main
+    from tile2audio.datasets import merge_manifests, read_manifest, resolve_paths
+
+    for name in ("music", "speech"):
+        for label in ("a", "b"):
+            write_audio(tmp_path / name / label / "x.wav", tone_fn(0.2))
+        write_manifest(build_manifest("folder", tmp_path / name), tmp_path / f"{name}.csv")
+    speech = read_manifest(tmp_path / "speech.csv")
+    speech.loc[:, "group"] = ["spk1", "spk1"]
+    merged = merge_manifests({"music": tmp_path / "music.csv", "sp": speech})
+    assert list(merged["clip_id"]) == ["music/a/x", "music/b/x", "sp/a/x", "sp/b/x"]
+    assert list(merged["group"]) == ["", "", "sp/spk1", "sp/spk1"] and list(merged["source"]) == ["music"] * 2 + ["sp"] * 2
+    assert [p.parent.parent.name for p in resolve_paths(merged)] == ["music", "music", "speech", "speech"]
+    assert all(p.is_file() for p in resolve_paths(merged))
+    with pytest.raises(Tile2AudioError, match="no '/'"):
+        merge_manifests({"a/b": speech})
+    assert cli_main(["merge", str(tmp_path / "music.csv"), f"sp={tmp_path / 'speech.csv'}",
+                     "-o", str(tmp_path / "all.csv")]) == 0
+    assert len(read_manifest(tmp_path / "all.csv")) == 4
+    assert cli_main(["merge", str(tmp_path / "music.csv"), str(tmp_path / "music.csv"), "-o", str(tmp_path / "x.csv")]) == 2

@@ -43,6 +43,12 @@ def _parser() -> argparse.ArgumentParser:
         s.add_argument(f"--{col}-column", help=f"csv: column holding the {col.replace('-', ' ')}")
     s.set_defaults(func=_manifest)
 
+    s = sub.add_parser("merge", help="merge manifests of several data sets into one (one encoder for all)")
+    s.add_argument("manifests", nargs="+", metavar="NAME=CSV",
+                   help="manifests to merge; NAME prefixes clip ids and groups (default: the CSV's stem)")
+    s.add_argument("-o", "--output", required=True, help="output manifest CSV")
+    s.set_defaults(func=_merge)
+
     s = sub.add_parser("features", help="extract log-mel features into a cache")
     s.add_argument("manifest")
     s.add_argument("-o", "--output", required=True, help="cache directory")
@@ -145,6 +151,17 @@ def _manifest(args: argparse.Namespace, progress: bool) -> None:
     write_manifest(df, args.output)
     labels = df["label"][df["label"] != ""]
     print(f"{args.output}: {len(df)} clips, {labels.nunique()} labels")
+
+
+def _merge(args: argparse.Namespace, progress: bool) -> None:
+    from .datasets import merge_manifests, write_manifest
+
+    named = dict(m.split("=", 1) if "=" in m else (Path(m).stem, m) for m in args.manifests)
+    if len(named) != len(args.manifests):
+        raise Tile2AudioError("two manifests have the same name: give NAME=CSV for each")
+    df = merge_manifests(named)
+    write_manifest(df, args.output)
+    print(f"{args.output}: {len(df)} clips from {len(named)} manifests")
 
 
 def _features(args: argparse.Namespace, progress: bool) -> None:

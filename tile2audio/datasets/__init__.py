@@ -39,6 +39,7 @@ __all__ = [
     "SOURCES",
     "SPLITS",
     "build_manifest",
+    "merge_manifests",
     "read_manifest",
     "resolve_paths",
     "validate_manifest",
@@ -93,3 +94,45 @@ def _check_options(source: str, loader: Callable[..., Any], options: dict[str, A
             f"source {source!r} does not take option(s) {', '.join(unknown)}; "
             f"it takes: {', '.join(accepted) or 'none'}"
         )
+
+
+def merge_manifests(manifests: dict[str, "str | os.PathLike | pd.DataFrame"]) -> pd.DataFrame:
+    """One manifest over several data sets, e.g. to train one encoder on all their audio.
+
+    Parameters
+    ----------
+    manifests : dict of str to manifest
+        Name -> manifest CSV path or DataFrame. The name prefixes every clip id and every
+        non-empty group (``name/clip_id``), so ids and groups of different sets never
+        collide, and goes into a ``source`` column. Each row keeps its own ``root``, so
+        the sets may live in different folders.
+
+    Returns
+    -------
+    pandas.DataFrame
+        Shape (sum of n_clips, 8 + extras), validated; extra columns missing in one set
+        are ``""`` there. Labels are kept as they are: training is label-free, and a
+        probe should use each set's own manifest (``tile2audio embed RUN set.csv``).
+
+    Raises
+    ------
+    Tile2AudioError
+        No manifest, a name that is empty or holds ``/``, or a manifest that fails
+        :func:`read_manifest`.
+    """
+    if not manifests:
+        raise Tile2AudioError("merge_manifests needs at least one manifest")
+    parts = []
+    for name, m in manifests.items():
+        if not name or "/" in name:
+            raise Tile2AudioError(f"manifest name {name!r} must be non-empty and hold no '/'")
+        df = read_manifest(m) if not isinstance(m, pd.DataFrame) else validate_manifest(m.copy(), name=name)
+        df = df.copy()
+        df["clip_id"] = name + "/" + df["clip_id"].astype(str)
+        df["group"] = [f"{name}/{g}" if g else "" for g in df["group"].astype(str)]
+        df["source"] = name
+        parts.append(df)
+    merged = pd.concat(parts, ignore_index=True, sort=False)
+    extras = [c for c in merged.columns if c not in MANIFEST_COLUMNS]
+    merged[extras] = merged[extras].fillna("")
+    return validate_manifest(merged[list(MANIFEST_COLUMNS) + extras], name="merged manifest")
