@@ -32,6 +32,7 @@ import numpy as np
 import pandas as pd
 
 from . import atomic
+from .console import show_progress
 from .datasets.schema import text_column
 from .errors import Tile2AudioError
 from .runs import open_run, read_run
@@ -463,7 +464,7 @@ def embed(
         _claim_tiles(out, _encoder_fingerprint(run_dir, weights), skip_existing)
     tile_arrays: dict = {}
     keep = []
-    for i, row in tqdm(list(clips.iterrows()), desc="embed", unit="clip", disable=not progress):
+    for i, row in tqdm(list(clips.iterrows()), desc="embed", unit="clip", disable=not show_progress(progress)):
         target = out / "tiles" / f"{row['file']}.npz" if out is not None else None
         if target is not None and skip_existing and target.is_file():
             keep.append(i)
