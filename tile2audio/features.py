@@ -906,8 +906,10 @@ def _group_copies(index: pd.DataFrame) -> pd.DataFrame:
     for comp in touched:
         rows = members[comp]
         names = sorted({groups[i] for i in rows if groups[i]})
-        name = names[0] if len(names) == 1 else ("+".join(names) if names else f"same-audio:{index['clip_id'].iloc[rows[0]]}")
-        new[rows] = name
+        if len(names) == 1:
+            new[rows] = names[0]
+        else:
+            new[rows] = "+".join(names) if names else f"same-audio:{index['clip_id'].iloc[rows[0]]}"
     first = index.groupby(hashes.where(hashes != ""), sort=False)["clip_id"].first()
     pairs = [f"{c!r} = {first[h]!r}" for c, h in zip(index["clip_id"], hashes) if h in dup_hashes and first[h] != c]
     log.warning("features: %d clip(s) have the same audio file content as another clip (e.g. %s); each set of "
