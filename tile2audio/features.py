@@ -58,6 +58,9 @@ log = logging.getLogger(__name__)
 CACHE_VERSION = 2
 #: Versions :func:`open_cache` reads: 1 predates shards.json and the source columns.
 _READABLE_VERSIONS = (1, 2)
+# The shards' bytes are made as in version 1, so a version-1 cache keeps its build
+# fingerprint: a rerun upgrades it (redoing its chunks) instead of asking for --overwrite.
+_SHARD_FORMAT = 1
 #: Each cached clip's source file when it was read: bytes, mtime (ns), blake2b of its content.
 SOURCE_COLUMNS = ["source_size", "source_mtime_ns", "source_hash"]
 _V1_INDEX_COLUMNS = [
@@ -303,7 +306,7 @@ def _fingerprint(df: pd.DataFrame, params: FeatureParams, chunk_clips: int, max_
     """Hash of what determines the cache's bytes: manifest content, parameters, layout."""
     h = hashlib.sha256()
     h.update(df[list(MANIFEST_COLUMNS)].to_csv(index=False).encode("utf-8"))
-    meta = {"version": CACHE_VERSION, "params": to_dict(params), "chunk_clips": chunk_clips,
+    meta = {"version": _SHARD_FORMAT, "params": to_dict(params), "chunk_clips": chunk_clips,
             "max_shard_mb": max_shard_mb}
     h.update(json.dumps(meta, sort_keys=True).encode("utf-8"))
     return h.hexdigest()
