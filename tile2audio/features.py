@@ -298,7 +298,8 @@ def _load_manifest(manifest: pd.DataFrame | str | os.PathLike, root: str | os.Pa
     if root is not None:
         df["root"] = str(Path(root).expanduser().absolute())
     # absolute, so worker processes started from another working directory find the files
-    df["_file"] = [str((Path(r) / p if r else Path(p)).absolute()) for r, p in zip(df["root"], df["path"])]
+    df["_file"] = [os.path.abspath(os.path.join(r, p) if r else p)
+                   for r, p in zip(df["root"].tolist(), df["path"].tolist())]
     return df
 
 
@@ -684,7 +685,7 @@ def _examples(items: Sequence[str], n: int = 3) -> str:
 def _check_containment(df: pd.DataFrame, refuse: bool) -> None:
     """Warn once (or raise, with ``refuse``) about manifest paths outside their row's data root."""
     outside = []
-    for root, path, file in zip(df["root"], df["path"], df["_file"]):
+    for root, path, file in zip(df["root"].tolist(), df["path"].tolist(), df["_file"].tolist()):
         if not root:
             continue  # no root: the path is the file, there is nothing to stay inside
         base = os.path.normpath(os.path.abspath(root))
@@ -703,20 +704,27 @@ def _check_containment(df: pd.DataFrame, refuse: bool) -> None:
 
 
 def _check_sources(df: pd.DataFrame) -> set[str]:
-    """Raise for a data root that does not exist; warn once about missing files; return their clip ids."""
-    rel = [not os.path.isabs(p) and bool(r) for r, p in zip(df["root"], df["path"])]
-    roots = pd.Series(df["root"][rel])
-    gone = [r for r in roots.unique() if not os.path.isdir(r)]
+    """Raise for a data root that does not exist or when no file exists; warn once about missing files.
+
+    Returns the clip ids of the missing files (the failure log does not repeat them).
+    """
+    roots = [r for r, p in zip(df["root"].tolist(), df["path"].tolist()) if r and not os.path.isabs(p)]
+    gone = [r for r in dict.fromkeys(roots) if not os.path.isdir(r)]
     if gone:
-        n = int(roots.isin(gone).sum())
+        n = sum(r in set(gone) for r in roots)
         raise Tile2AudioError(
             f"data root {gone[0]} does not exist ({n} clip(s) of the manifest are under "
             f"{'it' if len(gone) == 1 else f'it and {len(gone) - 1} other missing root(s)'}); "
             "pass the right root (--root DIR, build_cache(root=...)) or fix the manifest's root column"
         )
-    exists = np.array([os.path.exists(f) for f in df["_file"]], dtype=bool)
-    if not exists.all():
-        paths = list(df["path"][~exists])
+    exists = np.array([os.path.exists(f) for f in df["_file"].tolist()], dtype=bool)
+    paths = list(df["path"][~exists])
+    if len(paths) == len(df):  # nothing to cache: stop before touching the output folder
+        raise Tile2AudioError(
+            f"no clip could be cached: none of the {len(df)} audio file(s) of the manifest exist "
+            f"(e.g. {_examples(paths)}); check its paths and its data root"
+        )
+    if paths:
         log.warning("features: %d of %d audio file(s) do not exist (e.g. %s); they are skipped and listed "
                     "in failures.csv", len(paths), len(df), _examples(paths))
     return set(df["clip_id"][~exists])
