@@ -590,7 +590,8 @@ def _sigterm_as_interrupt() -> Iterator[None]:
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        # None: a handler installed outside Python, which cannot be put back; use the default.
+        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
 
 def _remove_temporaries(out_dir: Path) -> None:
@@ -672,7 +673,8 @@ def build_cache(
     check_params(params)
     out_dir = atomic.ensure_dir(out_dir, "feature cache folder")
     fingerprint = _fingerprint(df, params, chunk_clips, max_shard_mb)
-    with _cache_lock(out_dir):
+    # SIGTERM (a scheduler's stop, `kill`) is handled as Ctrl-C: workers stopped, temporaries removed.
+    with _cache_lock(out_dir), _sigterm_as_interrupt():
         return _build_locked(df, out_dir, params, fingerprint, jobs, chunk_clips, max_shard_mb, progress,
                              overwrite, missing)
 
@@ -779,8 +781,8 @@ def _build_locked(df: pd.DataFrame, out_dir: Path, params: FeatureParams, finger
     failures: list[dict] = []
     chunks = None
     try:
-        with _sigterm_as_interrupt(), tqdm(total=len(df), initial=done_clips, desc="log-mel", unit="clip",
-                                           disable=not show_progress(progress)) as bar:
+        with tqdm(total=len(df), initial=done_clips, desc="log-mel", unit="clip",
+                  disable=not show_progress(progress)) as bar:
             chunks = _run_chunks(todo, jobs, bar)
             for record in chunks:
                 failures += record["failures"]
