@@ -234,10 +234,16 @@ def test_bad_manifests(tmp_path):
     with pytest.raises(Tile2AudioError, match="duplicate clip_id"):
         build_cache(pd.DataFrame({"clip_id": ["a", "a"], "path": ["a.wav", "b.wav"]}), tmp_path / "c",
                     jobs=1, progress=False)
+    # Every file missing: refused up front, before the output folder is touched (issue 18).
+    with pytest.raises(Tile2AudioError, match=r"no clip could be cached: none of the 1 audio file\(s\)"):
+        build_cache(pd.DataFrame({"clip_id": ["a"], "path": [str(tmp_path / "a.wav")]}), tmp_path / "c",
+                    jobs=1, progress=False)
+    assert not (tmp_path / "c").exists()
+    (tmp_path / "a.wav").write_bytes(b"")  # present but unusable: listed in failures.csv
     with pytest.raises(Tile2AudioError, match="no clip could be cached"):
         build_cache(pd.DataFrame({"clip_id": ["a"], "path": [str(tmp_path / "a.wav")]}), tmp_path / "c",
                     jobs=1, progress=False)
-    assert "file not found" in pd.read_csv(tmp_path / "c" / "failures.csv")["reason"][0]
+    assert "zero-byte" in pd.read_csv(tmp_path / "c" / "failures.csv")["reason"][0]
 
 
 def test_open_cache_errors(messy, tmp_path):

@@ -47,6 +47,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from . import atomic
+from .console import show_progress
 from .errors import Tile2AudioError
 
 log = logging.getLogger(__name__)
@@ -154,7 +155,7 @@ def _compute(todo: list[tuple[str, str]], sample_rate: int, jobs: int, progress:
              max_seconds: float | None = None):
     """Yield (clip_id, path, row or None, reason) for every pending clip."""
     spec = KINDS[kind]
-    bar = tqdm(total=len(todo), desc=f"{spec.title} baseline", unit="clip", disable=not progress)
+    bar = tqdm(total=len(todo), desc=f"{spec.title} baseline", unit="clip", disable=not show_progress(progress))
     try:
         if kind == "mfcc" and (jobs <= 1 or len(todo) < 2):
             for cid, path in todo:

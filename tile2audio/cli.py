@@ -56,7 +56,10 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--jobs", type=int, default=None, help="processes (default: all cores)")
     s.add_argument("--config", help="experiment YAML whose `features` section to use")
     s.add_argument("--set", action="append", default=[], metavar="features.KEY=VALUE")
-    s.add_argument("--overwrite", action="store_true", help="replace a cache made with other settings")
+    s.add_argument("--overwrite", action="store_true",
+                   help="rebuild from scratch (a cache made with other settings, or a damaged one)")
+    s.add_argument("--refuse-outside-root", action="store_true",
+                   help="refuse manifest paths outside their data root (default: read them, with a warning)")
     s.set_defaults(func=_features)
 
     s = sub.add_parser("train", help="train an encoder without labels")
@@ -169,7 +172,7 @@ def _features(args: argparse.Namespace, progress: bool) -> None:
 
     cfg = _sections(args.config, args.set)
     cache = build_cache(args.manifest, args.output, cfg.features, root=args.root, jobs=args.jobs,
-                        progress=progress, overwrite=args.overwrite)
+                        progress=progress, overwrite=args.overwrite, refuse_outside_root=args.refuse_outside_root)
     print(f"{cache.path}: {len(cache.index)} clips cached, {len(cache.failures)} problems "
           f"(see failures.csv)")
 

@@ -6,14 +6,15 @@ Output directory (see docs/architecture.md)::
       embed.json            run_dir, weights (trained | init), kind, dim, features, tiles
       clips.csv             clip_id, file, n_tiles, label, split, fold, group, path
       clip_embeddings.npz   mean (n_clips, D), meanstd (n_clips, 2D), max (n_clips, D)
-      embed_fingerprint.json  run, weights and encoder hash the tile files were made with
+      embed_fingerprint.json  run, weights, encoder hash (and cache content) of the tile files
       tiles/<file>.npz      embeddings (n_tiles, D), timestamps (n_tiles, 2)
 
 Per-clip files are written as soon as a clip is embedded (atomically), so an
 interrupted run restarted with ``skip_existing=True`` only embeds what is missing.
 ``embed_fingerprint.json`` names the run, the weights and a hash of the encoder file
-the tile files were made with: ``skip_existing`` keeps tile files only when it matches,
-and refuses a folder made with another encoder (a run without ``skip_existing`` first
+the tile files were made with, and for a feature cache its ``content_fingerprint``
+(tile files of a cache rebuilt since are embedded again): ``skip_existing`` keeps tile
+files only when it matches, and refuses a folder made with another encoder (a run without ``skip_existing`` first
 removes tile files of another encoder, so the folder never mixes two).
 """
 
@@ -32,6 +33,7 @@ import numpy as np
 import pandas as pd
 
 from . import atomic
+from .console import show_progress
 from .datasets.schema import text_column
 from .errors import Tile2AudioError
 from .runs import open_run, read_run
@@ -262,6 +264,11 @@ def _encoder_fingerprint(run_dir: Path, weights: str) -> dict:
     return {"run_dir": str(run_dir.resolve()), "weights": weights, "encoder_sha256": h.hexdigest()}
 
 
+def _same_encoder(a: dict, b: dict) -> bool:
+    """True when two ``embed_fingerprint.json`` contents differ at most in the cache they embedded."""
+    return {k: v for k, v in a.items() if k != "cache"} == {k: v for k, v in b.items() if k != "cache"}
+
+
 def _claim_tiles(out: Path, fingerprint: dict, skip_existing: bool) -> None:
     """Check (``skip_existing``) or write ``embed_fingerprint.json`` so tile files never mix encoders."""
     tiles = out / "tiles"
@@ -275,7 +282,10 @@ def _claim_tiles(out: Path, fingerprint: dict, skip_existing: bool) -> None:
     existing = list(tiles.glob("*.npz")) if tiles.is_dir() else []
     if old == fingerprint:
         return
-    if skip_existing and existing:
+    if existing and isinstance(old, dict) and _same_encoder(old, fingerprint):
+        log.info("%s: the feature cache changed since its %d tile file(s) were made; embedding every clip again",
+                 out, len(existing))
+    elif skip_existing and existing:
         if old is None:
             raise Tile2AudioError(
                 f"{out}: --skip-existing cannot tell which encoder made the {len(existing)} tile file(s) "
@@ -460,10 +470,13 @@ def embed(
     out = Path(out_dir) if out_dir is not None else None
     if out is not None:
         atomic.ensure_dir(out, "embedding folder")
-        _claim_tiles(out, _encoder_fingerprint(run_dir, weights), skip_existing)
+        marker = _encoder_fingerprint(run_dir, weights)
+        if source == "cache":  # tile files of a cache rebuilt since (changed audio) are stale
+            marker["cache"] = obj.content_fingerprint
+        _claim_tiles(out, marker, skip_existing)
     tile_arrays: dict = {}
     keep = []
-    for i, row in tqdm(list(clips.iterrows()), desc="embed", unit="clip", disable=not progress):
+    for i, row in tqdm(list(clips.iterrows()), desc="embed", unit="clip", disable=not show_progress(progress)):
         target = out / "tiles" / f"{row['file']}.npz" if out is not None else None
         if target is not None and skip_existing and target.is_file():
             keep.append(i)

@@ -66,6 +66,7 @@ from sklearn.svm import LinearSVC
 from threadpoolctl import threadpool_limits
 from tqdm.auto import tqdm
 
+from .console import show_progress
 from .config import ProbeConfig
 from .datasets.schema import group_or_self, text_column
 from .errors import Tile2AudioError
@@ -544,7 +545,7 @@ def run_probes(entries: Sequence, config: ProbeConfig = ProbeConfig(), progress:
 
     probes = _probe_names(config)
     rows = []
-    with tqdm(total=len(entries) * len(probes), desc="probes", disable=not progress) as bar:
+    with tqdm(total=len(entries) * len(probes), desc="probes", disable=not show_progress(progress)) as bar:
         for e, data in zip(entries, datasets):
             with threadpool_limits(1 if data.X.size < SMALL_PROBLEM else None):
                 for probe in probes:

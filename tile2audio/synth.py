@@ -37,6 +37,7 @@ import soundfile as sf
 from tqdm.auto import tqdm
 
 from . import atomic
+from .console import show_progress
 from .errors import Tile2AudioError
 
 log = logging.getLogger(__name__)
@@ -526,7 +527,7 @@ def make_demo_dataset(
     rows = []
     written = 0
     jobs = [(si, c) for si in range(n_classes) for c in range(clips_per_class)]
-    for si, c in tqdm(jobs, desc="synth", unit="clip", disable=not progress):
+    for si, c in tqdm(jobs, desc="synth", unit="clip", disable=not show_progress(progress)):
         style = STYLES[si]
         rel = f"{style.name}/{style.name}_{c:03d}.wav"
         artist_k = c % ARTISTS_PER_STYLE

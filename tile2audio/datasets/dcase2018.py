@@ -23,6 +23,7 @@ from pathlib import Path, PurePosixPath
 import pandas as pd
 from tqdm import tqdm
 
+from ..console import show_progress
 from ..errors import Tile2AudioError
 from ._files import MISSING, file_problem, require_dir, summarise
 from .schema import assemble, to_posix
@@ -150,7 +151,7 @@ def _drop_missing(root: Path, files: list[str], labels: list[str], sessions: lis
                   progress: bool) -> tuple[list[str], list[str], list[str]]:
     """Remove rows whose audio file does not exist, with a warning."""
     keep = [file_problem(root / f) != MISSING
-            for f in tqdm(files, desc="dcase2018: checking files", unit="file", disable=not progress)]
+            for f in tqdm(files, desc="dcase2018: checking files", unit="file", disable=not show_progress(progress))]
     missing = [f for f, k in zip(files, keep) if not k]
     if missing:
         log.warning("DCASE2018: dropped %d clip(s) listed in meta.txt whose audio is missing: %s",

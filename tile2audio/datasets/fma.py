@@ -18,6 +18,7 @@ from pathlib import Path
 import pandas as pd
 from tqdm import tqdm
 
+from ..console import show_progress
 from ..errors import Tile2AudioError
 from ._files import MISSING, ZERO_BYTE, file_problem, require_dir, require_file, summarise
 from .schema import assemble
@@ -160,7 +161,7 @@ def _map_splits(values: pd.Series) -> list[str]:
 def _check_files(root: Path, rel_paths: list[str], progress: bool) -> list[str]:
     """``file_problem`` of each track's MP3 (no decoding: MP3 headers are slow to scan)."""
     return [file_problem(root / rel) for rel in
-            tqdm(rel_paths, desc="fma: checking files", unit="file", disable=not progress)]
+            tqdm(rel_paths, desc="fma: checking files", unit="file", disable=not show_progress(progress))]
 
 
 def _note(track_id: int, problem: str) -> str:

@@ -23,6 +23,7 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
+from ..console import show_progress
 from ..errors import Tile2AudioError
 from ._files import UNREADABLE, file_problem, require_dir, summarise
 from .schema import assemble, to_posix
@@ -167,7 +168,7 @@ def _list_clips(audio_dir: Path) -> list[tuple[str, Path]]:
 def _health_notes(files: list[tuple[str, Path]], check_audio: bool, progress: bool) -> list[str]:
     """``note`` per clip: ``"unreadable"`` for empty or undecodable files, else ``""``."""
     notes, bad = [], []
-    for cid, path in tqdm(files, desc="gtzan: checking files", unit="file", disable=not progress):
+    for cid, path in tqdm(files, desc="gtzan: checking files", unit="file", disable=not show_progress(progress)):
         problem = file_problem(path, decode=check_audio)
         notes.append(UNREADABLE if problem else "")
         if problem:
