@@ -617,6 +617,8 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
             raise Tile2AudioError(f"{where} must be true or false, got {value!r}")
         return value
     if hint is int:
+        if isinstance(value, str) and _FLOAT_TEXT.fullmatch(value.strip()):
+            value = float(value)  # YAML 1.1 reads 1e8 as text; a whole number in it is still one
         if isinstance(value, bool) or not isinstance(value, int):
             if isinstance(value, float) and value.is_integer():
                 return int(value)
@@ -732,7 +734,8 @@ def read_yaml(path: str | os.PathLike) -> dict:
         raise Tile2AudioError(f"config file not found: {path}")
     try:
         text = path.read_text(encoding="utf-8")
-        data = yaml.safe_load(text)
+        # libyaml's safe loader when PyYAML has it: the same safe tags, 20x faster on a 10 MB file.
+        data = yaml.load(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
     except yaml.YAMLError as exc:
         raise Tile2AudioError(f"config file {path} is not valid YAML: {exc}") from exc
     if data is None:
