@@ -7,6 +7,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -257,20 +258,46 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where Ctrl-C would be, so every stage keeps its work the same way."""
+
+
+def _on_sigterm(signum, frame):
+    """SIGTERM handler: stop like Ctrl-C (checkpoint, clean temporaries, say how to resume)."""
+    raise _Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``tile2audio`` console script; returns the exit code."""
+    """Entry point of the ``tile2audio`` console script; returns the exit code.
+
+    Ctrl-C exits 130 and SIGTERM 143, each with one line; a stage that knows the exact
+    command to resume (``train``, ``embed``) names it.
+    """
     args = _parser().parse_args(argv)
     level = logging.DEBUG if args.verbose else (logging.WARNING if args.quiet else logging.INFO)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     try:
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    except ValueError:  # not the main thread (main() called from a thread): signals stay as they are
+        previous = None
+    try:
         return _run(args)
     except Tile2AudioError as exc:
         print(f"tile2audio: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("tile2audio: interrupted; rerun the same command to resume", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        # train and embed re-raise with how to resume; the chain tells SIGTERM from Ctrl-C.
+        cause, terminated = exc, False
+        while cause is not None:
+            terminated = terminated or isinstance(cause, _Terminated)
+            cause = cause.__cause__ or cause.__context__
+        how = str(exc) or "rerun the same command to resume"
+        print(f"tile2audio: {'terminated (SIGTERM)' if terminated else 'interrupted'}; {how}", file=sys.stderr)
+        return 143 if terminated else 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -243,7 +243,19 @@ def load_embeddings(path: str | Path) -> EmbeddingSet:
             arrays = {k: z[k] for k in z.files}
     except (ValueError, OSError, json.JSONDecodeError) as exc:
         raise Tile2AudioError(f"cannot read embedding directory {path}: {exc}") from exc
-    clips["n_tiles"] = clips["n_tiles"].astype(int)
+    if not isinstance(meta, dict):
+        raise Tile2AudioError(f"{path / 'embed.json'}: expected a JSON object, got a JSON {type(meta).__name__}; "
+                              "the file was edited or overwritten: embed again")
+    if "n_tiles" not in clips.columns:
+        raise Tile2AudioError(f"{path / 'clips.csv'} has no n_tiles column; embed again")
+    n_tiles = pd.to_numeric(clips["n_tiles"], errors="coerce")
+    bad = ~(n_tiles.notna() & (n_tiles == n_tiles.round()) & (n_tiles >= 0))
+    if bad.any():
+        first = int(np.flatnonzero(bad.to_numpy())[0])
+        raise Tile2AudioError(f"{path / 'clips.csv'}: n_tiles must be a whole number, got "
+                              f"{clips['n_tiles'].iloc[first]!r} for clip {clips['clip_id'].iloc[first]!r} "
+                              f"(row {first + 2}); the file was edited: embed again")
+    clips["n_tiles"] = n_tiles.astype(int)
     clips = _clip_table(clips)
     for k, v in arrays.items():
         if len(v) != len(clips):
@@ -437,10 +449,9 @@ def embed(
         ``.pooled("mean")`` is the (n_clips, D) clip matrix; ``.tiles(clip_id)`` gives
         (n_tiles, D) embeddings and (n_tiles, 2) timestamps.
     """
-    from tqdm.auto import tqdm
-
-    from .features import extract_clip, normalize_frames
-
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        raise Tile2AudioError(f"--batch-size (embed batch_size) must be a positive whole number of tiles, "
+                              f"got {batch_size!r}")
     run_dir = Path(run_dir)
     info = read_run(run_dir)
     run = open_run(run_dir)
@@ -476,6 +487,33 @@ def embed(
         _claim_tiles(out, marker, skip_existing)
     tile_arrays: dict = {}
     keep = []
+    try:
+        _embed_rows(clips, out, obj, source, encoder, params, stats, geometry, batch_size, skip_existing,
+                    keep, tile_arrays, progress)
+    except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM: the tile files written so far are complete
+        if out is None:
+            raise
+        raise KeyboardInterrupt(
+            f"{len(keep)} of {len(clips)} clips embedded into {out}; rerun the same command with "
+            "--skip-existing to embed only the rest") from exc
+    clips = clips.loc[keep].reset_index(drop=True)
+    if not len(clips):
+        raise Tile2AudioError("no clip could be embedded")
+    if out is not None:
+        return write_clip_level(out, clips, meta)
+    pooled = [pool_tiles(tile_arrays[c][0]) for c in clips["clip_id"]]
+    arrays = {p: np.stack([x[p] for x in pooled]) for p in POOLINGS}
+    clips["n_tiles"] = [len(tile_arrays[c][0]) for c in clips["clip_id"]]
+    return EmbeddingSet(clips=_clip_table(clips), arrays=arrays, meta=meta, tile_arrays=tile_arrays)
+
+
+def _embed_rows(clips, out, obj, source, encoder, params, stats, geometry, batch_size, skip_existing,
+                keep: list, tile_arrays: dict, progress: bool) -> None:
+    """Embed each clip row, appending kept row numbers to ``keep`` (the loop of :func:`embed`)."""
+    from tqdm.auto import tqdm
+
+    from .features import extract_clip, normalize_frames
+
     for i, row in tqdm(list(clips.iterrows()), desc="embed", unit="clip", disable=not show_progress(progress)):
         target = out / "tiles" / f"{row['file']}.npz" if out is not None else None
         if target is not None and skip_existing and target.is_file():
@@ -489,17 +527,8 @@ def embed(
             log.warning("skipping %s: %s", row["clip_id"], exc)
             continue
         e, ts = embed_frames(encoder, frames, geometry, batch_size)
-        keep.append(i)
         if target is not None:
             atomic.save_npz(target, embeddings=e.astype(np.float32), timestamps=ts)
         else:
             tile_arrays[row["clip_id"]] = (e, ts)
-    clips = clips.loc[keep].reset_index(drop=True)
-    if not len(clips):
-        raise Tile2AudioError("no clip could be embedded")
-    if out is not None:
-        return write_clip_level(out, clips, meta)
-    pooled = [pool_tiles(tile_arrays[c][0]) for c in clips["clip_id"]]
-    arrays = {p: np.stack([x[p] for x in pooled]) for p in POOLINGS}
-    clips["n_tiles"] = [len(tile_arrays[c][0]) for c in clips["clip_id"]]
-    return EmbeddingSet(clips=_clip_table(clips), arrays=arrays, meta=meta, tile_arrays=tile_arrays)
+        keep.append(i)

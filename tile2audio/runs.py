@@ -5,8 +5,10 @@ Layout (written by :func:`tile2audio.train.train`; see docs/architecture.md)::
     run/
       config.yaml          the resolved TrainingConfig
       features.json        the cache's feature parameters and normalisation statistics
-      run.json             status, step, epoch, seed, the automatic rule's choices and the
-                           tile geometry (frames and seconds) the encoder was built for
+      run.json             status, step, epoch, seed, the automatic rule's choices, the
+                           tile geometry (frames and seconds) the encoder was built for and
+                           ``features_sha256`` (:func:`feature_fingerprint` of features.json)
+      .lock                held (``flock``) by the process writing the run (:func:`lock_run`)
       encoder_init.keras   the encoder before training (the random-weight baseline)
       encoder.keras        the trained encoder
       checkpoints/, log.csv, tensorboard/
@@ -19,17 +21,24 @@ This module imports neither :mod:`tile2audio.train` nor :mod:`tile2audio.embed`.
 
 from __future__ import annotations
 
+import errno
+import fcntl
+import hashlib
 import json
 import os
+import socket
+import sys
+import time
 import zipfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 
 from . import atomic
-from .config import FeatureParams, TrainingConfig, read_yaml, training_from_dict
+from .config import FeatureParams, TrainingConfig, read_yaml, section_from_dict, to_dict, training_from_dict
 from .errors import Tile2AudioError
 from .tiles import TileGeometry
 
@@ -47,20 +56,84 @@ def latest_run(parent: str | os.PathLike) -> Path | None:
     return max(runs, key=lambda p: (p / "run.json").stat().st_mtime) if runs else None
 
 
+def read_json_object(path: str | os.PathLike) -> dict:
+    """A JSON file that must hold an object; one clear line when it is truncated, edited or a list.
+
+    Every reader of a run's JSON files (``run.json``, ``features.json``) goes through
+    here, so embed, report, ``train --resume`` and ``hear.load_model`` give the same line.
+    """
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise Tile2AudioError(f"{path}: cannot read: {exc.strerror or exc}") from exc
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise Tile2AudioError(f"{path}: not valid JSON (truncated or edited?): {exc}") from exc
+    if not isinstance(data, dict):
+        raise Tile2AudioError(f"{path}: expected a JSON object, got a JSON {type(data).__name__}; "
+                              "the file was edited or overwritten")
+    return data
+
+
 def read_run(run_dir: str | os.PathLike) -> dict:
     """``run.json`` of a run directory, with a clear error when it is not one."""
     run_dir = Path(run_dir)
     if not is_run_dir(run_dir):
         raise Tile2AudioError(f"{run_dir} is not a tile2audio run directory (no config.yaml / run.json)")
-    return json.loads((run_dir / "run.json").read_text(encoding="utf-8"))
+    return read_json_object(run_dir / "run.json")
 
 
 def update_run_json(run_dir: str | os.PathLike, **fields: Any) -> None:
     """Merge fields into ``run.json`` atomically."""
     path = Path(run_dir) / "run.json"
-    data = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    data = read_json_object(path) if path.is_file() else {}
     data.update(fields)
     atomic.write_json(path, data)
+
+
+_LOCK_NAME = ".lock"
+
+
+@contextmanager
+def lock_run(run_dir: str | os.PathLike) -> Iterator[None]:
+    """Hold an exclusive lock on ``run_dir/.lock`` while a process writes the run.
+
+    The lock is an ``flock`` on the file, so the kernel drops it when its holder dies:
+    a lock file left by a killed process never blocks. The holder writes its pid, host
+    and command into the file, and a second writer (another ``train`` or ``train
+    --resume`` of the same run) fails at once with one line naming it.
+
+    Raises
+    ------
+    Tile2AudioError
+        When another process holds the lock, or the lock file cannot be created.
+    """
+    path = Path(run_dir) / _LOCK_NAME
+    try:
+        fh = open(path, "a+", encoding="utf-8")
+    except OSError as exc:
+        raise Tile2AudioError(f"{path}: cannot create the run lock file: {exc.strerror or exc}") from exc
+    try:
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                raise Tile2AudioError(f"{path}: cannot lock the run: {exc.strerror or exc}") from exc
+            fh.seek(0)
+            holder = " ".join(fh.read(500).split()) or "a process that has not written its name yet"
+            raise Tile2AudioError(
+                f"{run_dir}: another process is writing this run ({holder}); wait for it to finish, "
+                "or stop it, or train into another folder"
+            ) from None
+        command = " ".join(Path(a).name if i == 0 else a for i, a in enumerate(sys.argv))
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"pid {os.getpid()} on {socket.gethostname()} since "
+                 f"{time.strftime('%Y-%m-%d %H:%M:%S')}: {command}\n")
+        fh.flush()
+        yield  # the lock goes with the file descriptor, also when the process is killed
+    finally:
+        fh.close()
 
 
 def load_run_config(run_dir: str | os.PathLike) -> TrainingConfig:
@@ -191,10 +264,70 @@ def _features_json(run_dir: Path) -> dict:
     path = run_dir / "features.json"
     if not path.is_file():
         raise Tile2AudioError(f"{run_dir} is not a tile2audio run directory (no features.json)")
+    return read_json_object(path)
+
+
+def feature_params(feature_file: Any, path: str | os.PathLike) -> tuple[FeatureParams, dict]:
+    """Feature parameters and normalisation statistics of a ``features.json`` / ``params.json``.
+
+    Parameters
+    ----------
+    feature_file : dict
+        The parsed file: ``params`` (the :class:`~tile2audio.config.FeatureParams`
+        fields) and optional ``stats`` (``mean``, ``std``: lists of n_mels numbers).
+    path : path
+        The file, for messages.
+
+    Returns
+    -------
+    params : FeatureParams
+    stats : dict
+        ``mean`` and ``std`` as float32 (n_mels,) arrays (missing keys are left out).
+
+    Raises
+    ------
+    Tile2AudioError
+        One line naming the file and the key: no ``params`` mapping, an unknown key, a
+        value of the wrong type, or statistics that are not n_mels finite numbers.
+    """
+    if not isinstance(feature_file, dict) or not isinstance(feature_file.get("params"), dict):
+        raise Tile2AudioError(f"{path}: no 'params' mapping of feature parameters; the file was edited "
+                              "or is not a tile2audio features file")
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise Tile2AudioError(f"{path}: not valid JSON ({exc})") from exc
+        params = section_from_dict(FeatureParams, feature_file["params"], "params")
+    except Tile2AudioError as exc:
+        raise Tile2AudioError(f"{path}: {exc}") from exc
+    raw_stats = feature_file.get("stats") or {}
+    if not isinstance(raw_stats, dict):
+        raise Tile2AudioError(f"{path}: 'stats' must be a mapping, got a {type(raw_stats).__name__}")
+    stats = {}
+    for key in ("mean", "std"):
+        if key not in raw_stats:
+            continue
+        try:
+            value = np.asarray(raw_stats[key], dtype=np.float64)
+        except (TypeError, ValueError):
+            value = None
+        if value is None or value.shape != (params.n_mels,) or not np.all(np.isfinite(value)):
+            raise Tile2AudioError(f"{path}: stats.{key} must be a list of {params.n_mels} finite numbers "
+                                  "(one per mel band)")
+        stats[key] = value.astype(np.float32)
+    return params, stats
+
+
+def feature_fingerprint(feature_file: Any, path: str | os.PathLike) -> str:
+    """SHA-256 of what decides the encoder's input: feature parameters and normalisation stats.
+
+    The same for a cache's ``params.json`` and the ``features.json`` a run copied from
+    it; key order, spacing and the frame count of the statistics do not count. ``train``
+    records it in ``run.json`` (``features_sha256``); :func:`open_run` and ``train
+    --resume`` compare against it.
+    """
+    params, _ = feature_params(feature_file, path)
+    stats = feature_file.get("stats") or {}
+    canon = {"params": to_dict(params),
+             **{k: [float(v) for v in stats[k]] for k in ("mean", "std") if k in stats}}
+    return hashlib.sha256(json.dumps(canon, sort_keys=True).encode("utf-8")).hexdigest()
 
 
 def open_run(run_dir: str | os.PathLike, config: TrainingConfig | None = None) -> Run:
@@ -216,11 +349,19 @@ def open_run(run_dir: str | os.PathLike, config: TrainingConfig | None = None) -
     run_dir = Path(run_dir)
     config = config if config is not None else load_run_config(run_dir)
     feat = _features_json(run_dir)
-    params = FeatureParams(**feat["params"])
-    stats = {k: np.asarray(v, dtype=np.float32) for k, v in (feat.get("stats") or {}).items() if k in ("mean", "std")}
+    params, stats = feature_params(feat, run_dir / "features.json")
     geometry = TileGeometry.from_config(config.tiles, params.frames_per_second)
-    recorded = (json.loads((run_dir / "run.json").read_text(encoding="utf-8")).get("geometry")
-                if (run_dir / "run.json").is_file() else None)
+    info = read_json_object(run_dir / "run.json") if (run_dir / "run.json").is_file() else {}
+    trained_on = info.get("features_sha256")
+    if trained_on is not None and trained_on != feature_fingerprint(feat, run_dir / "features.json"):
+        raise Tile2AudioError(
+            f"{run_dir / 'features.json'}: the feature parameters or normalisation statistics differ from "
+            "those the run was trained on (run.json features_sha256); features.json was edited after "
+            "training: restore it (train copies it from the cache's params.json)"
+        )
+    recorded = info.get("geometry")
+    if recorded is not None and not isinstance(recorded, dict):
+        raise Tile2AudioError(f"{run_dir}/run.json: 'geometry' must be a mapping; run.json was edited")
     if recorded is not None and recorded.get("tile_frames") != geometry.tile_frames:
         raise Tile2AudioError(
             f"{run_dir}/run.json: tiles of {recorded.get('tile_frames')} frames were trained, but config.yaml "

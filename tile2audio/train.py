@@ -19,6 +19,7 @@ import dataclasses
 import json
 import logging
 import os
+import shlex
 import shutil
 import sys
 import time
@@ -34,7 +35,8 @@ from . import atomic, losses
 from .config import TrainingConfig, dump_yaml, to_dict
 from .errors import Tile2AudioError
 from .models import build_decoder, build_encoder, embedding_model, export_encoder
-from .runs import geometry_record, is_run_dir, latest_run, load_run_config, read_run, save_keras_atomic, update_run_json
+from .runs import (feature_fingerprint, geometry_record, is_run_dir, latest_run, load_run_config, lock_run,
+                   read_json_object, read_run, save_keras_atomic, update_run_json)
 from .tiles import TileGeometry
 
 log = logging.getLogger(__name__)
@@ -49,7 +51,9 @@ def run_name(config: TrainingConfig, when: float | None = None, stamp: str | Non
     """A run directory name from the key hyperparameters, the seed and the time.
 
     Workers of a multi-worker run pass a shared ``stamp`` instead of the time, so they
-    agree on the name.
+    agree on the name. Two runs started in the same second get the same name here;
+    :func:`train` then claims the directory exclusively and gives the second one a
+    ``-2`` (``-3``, ...) suffix.
     """
     m, t, s, lo = config.model, config.tiles, config.sampler, config.loss
     stamp = stamp or time.strftime("%Y%m%d-%H%M%S", time.localtime(when))
@@ -59,9 +63,24 @@ def run_name(config: TrainingConfig, when: float | None = None, stamp: str | Non
     )
 
 
+def _claim_run_dir(out: Path, name: str) -> Path:
+    """Create ``out/name`` (or ``name-2``, ``name-3``, ...) exclusively: one new run per directory."""
+    atomic.ensure_dir(out, "runs folder")
+    for i in range(1, 1000):
+        path = out / (name if i == 1 else f"{name}-{i}")
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            continue
+        except OSError as exc:
+            raise Tile2AudioError(f"{path}: cannot create the run folder: {exc.strerror or exc}") from exc
+    raise Tile2AudioError(f"{out}: 999 runs named {name}* already exist; choose another -o")
+
+
 def _resolve_run_dir(out: Path, config: TrainingConfig, resume: bool, exact: bool,
                      stamp: str | None = None) -> tuple[Path, bool]:
-    """Pick the run directory; returns (run_dir, resuming)."""
+    """Pick the run directory; returns (run_dir, resuming). A new named run's folder is created here."""
     if is_run_dir(out):
         if not resume:
             raise Tile2AudioError(f"{out} already holds a run; pass --resume to continue it or choose another -o")
@@ -73,7 +92,9 @@ def _resolve_run_dir(out: Path, config: TrainingConfig, resume: bool, exact: boo
         return found, True
     if exact:
         return out, False
-    return out / run_name(config, stamp=stamp), False
+    if stamp is not None:  # multi-worker: every worker uses the same shared folder
+        return out / run_name(config, stamp=stamp), False
+    return _claim_run_dir(out, run_name(config)), False
 
 
 # --------------------------------------------------------------------------- checkpoints
@@ -693,12 +714,164 @@ def train(
         # A new run: the automatic rule reads the cache's clips first, as the run's name uses the tile length.
         fc = open_cache(cache)
         config, auto = choose_training(config, fc.index, fc.frames_per_second)
+    existed = out.exists()
     run_dir, resuming = _resolve_run_dir(out, config, resume, exact, stamp="multiworker" if n_workers > 1 else None)
-    if resuming:  # _resolve_run_dir only resumes existing run directories
-        # Compared as given: "auto" values equal the defaults, so they never count as a change.
-        config = resume_config(run_dir, given)
-        cache = read_run(run_dir).get("cache", cache)
-    fc = fc or open_cache(cache)  # opened once: a new run's rule has read it already
+    # Non-chief workers keep their own copy of the outputs, so nothing is written twice.
+    own_dir = run_dir if chief else run_dir / f"worker_{worker}"
+    new_dir = not resuming and n_workers == 1 and (own_dir != out or not existed)
+    atomic.ensure_dir(own_dir, "run folder")
+    try:
+        with lock_run(own_dir):
+            if resuming:  # _resolve_run_dir only resumes existing run directories
+                # Compared as given: "auto" values equal the defaults, so they never count as a change.
+                config = resume_config(run_dir, given)
+                fc = _resume_cache(run_dir, cache)
+            fc = fc or open_cache(cache)  # opened once: a new run's rule has read it already
+            try:
+                return _train_locked(fc, run_dir, own_dir, config, auto, strat, worker, n_workers, chief, progress,
+                                     resuming)
+            except KeyboardInterrupt as exc:
+                if not (own_dir / "config.yaml").is_file():
+                    raise KeyboardInterrupt("nothing was trained yet; rerun the same command") from exc
+                raise KeyboardInterrupt(
+                    f"run {own_dir} kept; continue it with: {resume_command(run_dir, fc.path)}") from exc
+    except BaseException:
+        # A new run that failed before writing anything leaves no empty folder behind.
+        if new_dir and not (own_dir / "config.yaml").is_file() and own_dir.is_dir():
+            if all(p.name == ".lock" for p in own_dir.iterdir()):
+                shutil.rmtree(own_dir, ignore_errors=True)
+        raise
+
+
+def _resume_cache(run_dir: Path, cache: str | os.PathLike | None):
+    """The feature cache to resume ``run_dir`` on, checked against the features it was trained on.
+
+    The cache given (``--cache``) is used when its feature parameters and normalisation
+    statistics (:func:`tile2audio.runs.feature_fingerprint`) are the run's; a cache
+    rebuilt in place with other settings, or another cache, is refused by name, since
+    training on would change what the encoder's input means (or its tile length).
+    """
+    from .features import open_cache
+
+    feat_path = run_dir / "features.json"
+    if not feat_path.is_file():
+        raise Tile2AudioError(f"{run_dir} is not a tile2audio run directory (no features.json)")
+    info = read_run(run_dir)
+    trained_on = info.get("features_sha256") or feature_fingerprint(read_json_object(feat_path), feat_path)
+    recorded = info.get("cache")
+    path = Path(cache if cache is not None else recorded)
+    fc = open_cache(path)
+    now = feature_fingerprint(read_json_object(Path(fc.path) / "params.json"), Path(fc.path) / "params.json")
+    if now != trained_on:
+        same = recorded is not None and Path(recorded).resolve() == path.resolve()
+        raise Tile2AudioError(
+            f"--resume: the cache {path} "
+            + ("was rebuilt with other feature settings since the run was trained"
+               if same else f"has other feature parameters or statistics than the one run {run_dir} was trained on "
+                            f"({recorded})")
+            + f" (params.json differs from {feat_path}); resume with the cache the run was trained on, "
+            "or start a new run"
+        )
+    if recorded is not None and Path(recorded).resolve() != path.resolve():
+        log.info("resuming %s on %s (same features as its cache %s)", run_dir, path, recorded)
+    return fc
+
+
+def _keep_interrupted(run_dir: Path, own_dir: Path, model, chief: bool) -> None:
+    """After Ctrl-C or SIGTERM: checkpoint the step reached and remove half-written files."""
+    step = int(model.optimizer.iterations.numpy())
+    if chief and _healthy(model) and step:
+        try:
+            save_checkpoint(run_dir, model, model.optimizer, step)
+            log.info("interrupted: checkpoint at step %d written", step)
+        except Tile2AudioError as exc:  # the earlier checkpoints stay usable
+            log.warning("interrupted: %s", exc)
+    if chief:
+        remove_stale_temporaries(run_dir)
+    for tmp in own_dir.glob(".*.tmp.keras"):
+        tmp.unlink(missing_ok=True)
+
+
+def check_tile_settings(config: TrainingConfig, geometry: TileGeometry, clip_frames: np.ndarray) -> None:
+    """Refuse tile settings that cannot train, and warn about ones the clips make pointless.
+
+    A tile of one frame has no time structure for the encoder to learn from: an error.
+    Tiles longer than most clips (every such tile is the clip looped end to end) and a
+    neighbourhood shorter than the tile (every neighbour overlaps its anchor) train, but
+    are rarely what was meant: a warning naming the numbers.
+
+    Parameters
+    ----------
+    config : TrainingConfig
+    geometry : TileGeometry
+    clip_frames : np.ndarray
+        int, shape (n_clips,): frames of each clip of the cache.
+    """
+    t, fps = config.tiles, geometry.frames_per_second
+    if geometry.tile_frames < 2:
+        raise Tile2AudioError(
+            f"tiles.tile_seconds {t.tile_seconds:g} is {geometry.tile_frames} frame at {fps:g} frames/s: a tile "
+            f"needs at least 2 frames (>= {2 / fps:.3g} s) for the encoder to see any time structure"
+        )
+    clip_frames = np.asarray(clip_frames)
+    short = int(np.sum(clip_frames < geometry.tile_frames))
+    if len(clip_frames) and short > len(clip_frames) // 2:
+        log.warning(
+            "tiles.tile_seconds %g is longer than %d of %d clips (longest clip %.3g s): each of their tiles is "
+            "the clip looped end to end; choose tiles shorter than the clips (or leave tiles.tile_seconds auto)",
+            t.tile_seconds, short, len(clip_frames), float(clip_frames.max()) / fps,
+        )
+    if config.sampler.positive == "neighbour" and geometry.neighbourhood_frames < geometry.tile_frames:
+        log.warning(
+            "tiles.neighbourhood_seconds %g is shorter than tiles.tile_seconds %g: every neighbour overlaps its "
+            "anchor, so the positive pair is nearly the same tile; use a neighbourhood of at least one tile "
+            "(the rule's default is two)", t.neighbourhood_seconds, t.tile_seconds,
+        )
+
+
+def _memory_bytes() -> int | None:
+    """Physical memory of the machine in bytes, if the OS says."""
+    try:
+        return int(os.sysconf("SC_PHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def check_batch_size(batch_size: int, geometry: TileGeometry, n_mels: int, n_clips: int) -> None:
+    """Refuse a ``train.batch_size`` whose input tiles alone cannot fit in memory.
+
+    A batch holds 3 x batch_size tiles of (tile_frames, n_mels) float32; the encoder's
+    activations need several times more. A batch whose tiles alone take more than a
+    quarter of the machine's memory fails (after minutes, deep in TensorFlow) anyway,
+    so it is refused at start; a batch larger than the cache's clips times 100 is too.
+    """
+    tile_bytes = 3 * geometry.tile_frames * n_mels * 4
+    total = _memory_bytes()
+    need = batch_size * tile_bytes
+    if total is not None and need > total // 4:
+        raise Tile2AudioError(
+            f"train.batch_size {batch_size:g} needs {need / 2**30:.3g} GiB for its input tiles alone, more than a "
+            f"quarter of this machine's {total / 2**30:.3g} GiB; use at most {max(1, total // 4 // tile_bytes):,}"
+            " (typical: 32 to 256)"
+        )
+    if batch_size > 100 * max(n_clips, 1):
+        raise Tile2AudioError(
+            f"train.batch_size {batch_size:,} is more than 100 triplets per clip of the cache ({n_clips} clips); "
+            "use a smaller batch (typical: 32 to 256)"
+        )
+
+
+def resume_command(run_dir: str | os.PathLike, cache: str | os.PathLike) -> str:
+    """The shell command that continues ``run_dir`` from its newest checkpoint."""
+    return (f"tile2audio train --resume --cache {shlex.quote(str(cache))} "
+            f"-o {shlex.quote(str(run_dir))}")
+
+
+def _train_locked(fc, run_dir: Path, own_dir: Path, config: TrainingConfig, auto: dict, strat, worker: int,
+                  n_workers: int, chief: bool, progress: bool, resuming: bool) -> Path:
+    """The body of :func:`train`, run while holding the run's lock."""
+    from .sampler import TripletSampler
+
     if config.sampler.mode == "supervised" and (fc.index["label"].astype(str) == "").all():
         raise Tile2AudioError("sampler.mode 'supervised' needs labels, and the cache has none")
     if config.model.embed_layer != config.model.embedding_layer:
@@ -710,11 +883,10 @@ def train(
         log.info("train.precision auto -> %s", config.train.precision)
     t = config.train
     keras.utils.set_random_seed(t.seed)
-    # Non-chief workers keep their own copy of the outputs, so nothing is written twice.
-    own_dir = run_dir if chief else run_dir / f"worker_{worker}"
-    atomic.ensure_dir(own_dir, "run folder")
     # Seconds become frames here once; run.json keeps the result for every later reader.
     geometry = TileGeometry.from_config(config.tiles, fc.frames_per_second)
+    check_tile_settings(config, geometry, fc.index["n_frames"].to_numpy())
+    check_batch_size(t.batch_size, geometry, fc.n_mels, len(fc.index))
     if not is_run_dir(own_dir):
         atomic.write_text(own_dir / "config.yaml", dump_yaml(config))
         shutil.copyfile(Path(fc.path) / "params.json", own_dir / "features.json")
@@ -723,7 +895,9 @@ def train(
             {"cache": str(Path(fc.path).resolve()), "status": "started", "step": 0, "epoch": 0,
              "label_free": config.sampler.label_free, "mode": config.sampler.mode,
              "encoder": config.model.encoder, "seed": t.seed, "workers": n_workers, "train_seconds": 0.0,
-             "auto": auto, "geometry": geometry_record(geometry), "embed_layer": config.model.embed_layer},
+             "auto": auto, "geometry": geometry_record(geometry), "embed_layer": config.model.embed_layer,
+             "features_sha256": feature_fingerprint(read_json_object(own_dir / "features.json"),
+                                                    own_dir / "features.json")},
         )
     log.info("run directory: %s", own_dir)
 
@@ -782,14 +956,18 @@ def train(
     verbose = 1 if progress and _is_terminal() else 0
     if not verbose:
         callbacks = callbacks + [EpochLine(t.epochs)]
-    if offset:
-        # Finish the interrupted epoch first, then run whole epochs.
-        model.fit(dataset_from(step), epochs=epoch + 1, initial_epoch=epoch,
-                  steps_per_epoch=t.steps_per_epoch - offset, callbacks=callbacks, verbose=verbose, shuffle=False)
-        epoch += 1
-    if epoch < t.epochs and getattr(model, "non_finite_step", None) is None:
-        model.fit(dataset_from(epoch * t.steps_per_epoch), epochs=t.epochs, initial_epoch=epoch,
-                  steps_per_epoch=t.steps_per_epoch, callbacks=callbacks, verbose=verbose, shuffle=False)
+    try:
+        if offset:
+            # Finish the interrupted epoch first, then run whole epochs.
+            model.fit(dataset_from(step), epochs=epoch + 1, initial_epoch=epoch,
+                      steps_per_epoch=t.steps_per_epoch - offset, callbacks=callbacks, verbose=verbose, shuffle=False)
+            epoch += 1
+        if epoch < t.epochs and getattr(model, "non_finite_step", None) is None:
+            model.fit(dataset_from(epoch * t.steps_per_epoch), epochs=t.epochs, initial_epoch=epoch,
+                      steps_per_epoch=t.steps_per_epoch, callbacks=callbacks, verbose=verbose, shuffle=False)
+    except KeyboardInterrupt:
+        _keep_interrupted(run_dir, own_dir, model, chief)
+        raise
     elapsed = time.time() - started
     bad_step = getattr(model, "non_finite_step", None)
     if bad_step is not None:
