@@ -7,8 +7,12 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -16,6 +20,7 @@ import pytest
 
 from conftest import TINY_FEATURES, TINY_TRAIN
 from tile2audio.cli import main
+from tile2audio.clusters import cluster_entries
 from tile2audio.config import ClusterConfig, FeatureParams, ProbeConfig, load_training
 from tile2audio.embed import from_clip_matrix
 from tile2audio.errors import Tile2AudioError
@@ -180,6 +185,37 @@ def test_report_of_a_single_class_skips_the_probes(tmp_path):
     rep = json.loads((tmp_path / "report.json").read_text())
     assert rep["rows"] == [] and "a single class" in rep["probe_note"] and rep["cluster"]["entries"]
     assert "a single class: probes skipped" in md.read_text()
+
+
+def test_report_of_a_collapsed_encoder_does_not_crash(tmp_path):
+    # Identical clip embeddings (a collapsed encoder) made t-SNE divide by zero and the
+    # process die with a segmentation fault; run in a child so a crash fails one test only.
+    code = (
+        "import logging, numpy as np, pandas as pd\n"
+        "logging.basicConfig(level=logging.WARNING)\n"
+        "from tile2audio.config import ClusterConfig, ProbeConfig\n"
+        "from tile2audio.embed import from_clip_matrix\n"
+        "from tile2audio.report import make_report\n"
+        "clips = pd.DataFrame({'clip_id': [f'c{i}' for i in range(10)], 'label': ['a'] * 5 + ['b'] * 5})\n"
+        f"make_report([from_clip_matrix(clips, np.ones((10, 4)), 'flat', kind='trained')], {str(tmp_path)!r},\n"
+        "            ProbeConfig(n_splits=2, c_grid=(1.0,)), ClusterConfig(k_max=4), progress=False)\n"
+    )
+    repo = str(Path(__file__).resolve().parents[1])
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "PYTHONPATH": repo})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "same embedding (a collapsed encoder?)" in done.stderr
+    rep = json.loads((tmp_path / "report.json").read_text())
+    assert rep["rows"] and "embedding_map.png" not in {f["file"] for f in rep["figures"]}
+
+
+def test_features_of_dimension_zero_give_one_line(tmp_path):
+    e = from_clip_matrix(pd.DataFrame({"clip_id": [f"c{i}" for i in range(6)], "label": ["a", "b"] * 3}),
+                         np.zeros((6, 0)), name="empty")
+    with pytest.raises(Tile2AudioError, match="'empty' has features of dimension 0"):
+        run_probes([e], ProbeConfig(n_splits=2), progress=False)
+    with pytest.raises(Tile2AudioError, match=re.escape("needs a (n >= 3, D >= 1) matrix, got shape (6, 0)")):
+        cluster_entries([e], ClusterConfig(k_max=4), tmp_path)
 
 
 # --------------------------------------------------------------------------- Markdown

@@ -588,6 +588,8 @@ def run_probes(entries: Sequence, config: ProbeConfig = ProbeConfig(), progress:
     datasets, bad = [], set()
     for e in entries:
         X, owner = _aligned(e, ref_ids, needed, config.level, config.pooling)
+        if X.shape[1] == 0:
+            raise Tile2AudioError(f"embedding set {e.name!r} has features of dimension 0; embed its clips again")
         datasets.append(ProbeData(X, owner, y, len(labels)))
         bad |= _non_finite_clips(X, owner)
     if bad:
