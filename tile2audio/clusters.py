@@ -173,8 +173,8 @@ def label_agreement(labels: np.ndarray, clusters: np.ndarray) -> dict:
 def _check_input(X: np.ndarray, config: ClusterConfig) -> tuple[np.ndarray, list[int]]:
     """Validate ``X`` and the k range (clipped to n - 1 points)."""
     X = np.asarray(X, dtype=np.float64)
-    if X.ndim != 2 or X.shape[0] < 3:
-        raise Tile2AudioError(f"cluster analysis needs a (n >= 3, D) matrix, got shape {X.shape}")
+    if X.ndim != 2 or X.shape[0] < 3 or X.shape[1] == 0:
+        raise Tile2AudioError(f"cluster analysis needs a (n >= 3, D >= 1) matrix, got shape {X.shape}")
     if not np.isfinite(X).all():
         raise Tile2AudioError("cluster analysis: the features hold NaN or inf values")
     k_max = min(config.k_max, X.shape[0] - 1)

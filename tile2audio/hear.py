@@ -19,6 +19,13 @@ Decisions
     cut by :func:`tile2audio.embed.embed_frames` (a sound shorter than one tile is looped
     to one tile).
 
+    *Audio values.* HEAR gives float audio in [-1, 1]: any float dtype is taken (as
+    float32); integer PCM, strings or objects are refused with one line (integers are
+    not rescaled: dividing by 32768 is the caller's choice), and a batch that peaks
+    above 1 is embedded with a warning. An empty batch ``(0, n_samples)`` gives empty
+    outputs, ``(0, T, D)`` and ``(0, T)`` (T the timestamps a sound of n_samples
+    would get) or ``(0, D')``.
+
     *Timestamps.* The run's tile hop (0.75 s by default) is coarser than HEAR's 50 ms
     advice, so timestamp embeddings use a finer hop: ``hop_seconds`` (default 25 ms,
     rounded to whole spectrogram frames, at least one frame). Timestamp k is
@@ -134,14 +141,25 @@ def load_model(model_file_path: str = "", *, pooling: str = "meanstd",
 
 
 def _check_audio(audio, model: HearModel) -> np.ndarray:
-    """The batch as a finite float32 (n_sounds, n_samples) array."""
+    """The batch as a finite float32 (n_sounds, n_samples) array; refuses non-float dtypes, warns on peaks above 1."""
     if not isinstance(model, HearModel):
         raise Tile2AudioError(f"expected a model from tile2audio.hear.load_model, got {type(model).__name__}")
-    x = np.asarray(audio.numpy() if hasattr(audio, "numpy") else audio, dtype=np.float32)
-    if x.ndim != 2 or x.shape[1] == 0:
+    try:
+        x = np.asarray(audio.numpy() if hasattr(audio, "numpy") else audio)
+    except ValueError as exc:  # a ragged list of sounds
+        raise Tile2AudioError(f"audio must be one (n_sounds, n_samples) array: {exc}") from exc
+    if x.dtype.kind != "f":
+        hint = f"; for PCM divide by {2 ** (8 * x.dtype.itemsize - 1)}" if x.dtype.kind in "iu" else ""
+        raise Tile2AudioError(f"audio must be float samples in [-1, 1] (the HEAR API), got dtype {x.dtype}{hint}")
+    x = x.astype(np.float32, copy=False)
+    if x.ndim != 2 or (x.shape[1] == 0 and x.shape[0] > 0):
         raise Tile2AudioError(f"audio must have shape (n_sounds, n_samples > 0), got {x.shape}")
     if not np.isfinite(x).all():
         raise Tile2AudioError("audio has NaN or inf samples")
+    peak = float(np.abs(x).max()) if x.size else 0.0
+    if peak > 1.0:
+        log.warning("audio peaks at %.4g: the HEAR API gives float audio in [-1, 1], so the embeddings "
+                    "are those of a louder sound than meant (scale it to [-1, 1])", peak)
     return x
 
 
@@ -175,26 +193,37 @@ def get_timestamp_embeddings(audio, model: HearModel) -> tuple[tf.Tensor, tf.Ten
 
     x = _check_audio(audio, model)
     duration_ms = 1000.0 * x.shape[1] / model.sample_rate
-    g = model.fine_geometry
-    T, fps = g.tile_frames, model.params.frames_per_second
-    # Tile k starts at padded frame s = k * hop and is centred on frame s + offset of the
-    # sound (frame i of a centred STFT is at i / fps seconds).
-    left = (T - 1) // 2
-    offset = (T - 1) / 2 - left
+    T = model.fine_geometry.tile_frames
+    # Tiles reach past both ends so their centres cover the whole sound; the padding is
+    # the package's looping rule, continued circularly on both sides.
+    pad = ((T - 1) // 2, T - 1 - (T - 1) // 2)
     embs, stamps = [], []
     for y in x:
-        frames = _frames(y, model)
-        # Tiles reach past both ends so their centres cover the whole sound; the
-        # padding is the package's looping rule, continued circularly on both sides.
-        padded = np.pad(frames, ((left, T - 1 - left), (0, 0)), mode="wrap")
-        e, ts = embed_frames(model.encoder, padded, g)
-        start = np.round(ts[:, 0] * fps).astype(np.int64)
-        centre = 1000.0 * (start + offset) / fps
-        keep = (start % g.hop_frames == 0) & (centre <= duration_ms)  # the grid only, within the sound
-        keep[0] = True  # a sound shorter than one frame hop still has its first tile
+        padded = np.pad(_frames(y, model), (pad, (0, 0)), mode="wrap")
+        e, _ = embed_frames(model.encoder, padded, model.fine_geometry)
+        keep, centre = _grid(len(padded), duration_ms, model)
         embs.append(e[keep])
-        stamps.append(np.minimum(centre[keep], duration_ms))
+        stamps.append(centre[keep])
+    if not embs:  # an empty batch: as many timestamps as a sound of that length would get
+        n = int(_grid(len(_frames(np.zeros(x.shape[1], np.float32), model)) + T - 1, duration_ms, model)[0].sum()
+                ) if x.shape[1] else 0
+        return tf.zeros((0, n, model.timestamp_embedding_size), tf.float32), tf.zeros((0, n), tf.float32)
     return tf.constant(np.stack(embs), dtype=tf.float32), tf.constant(np.stack(stamps), dtype=tf.float32)
+
+
+def _grid(n_padded: int, duration_ms: float, model: HearModel) -> tuple[np.ndarray, np.ndarray]:
+    """Which tiles of a padded sound are on the timestamp grid (bool (n_tiles,)) and each tile's centre in ms."""
+    from .tiles import tile_starts
+
+    g, fps = model.fine_geometry, model.params.frames_per_second
+    start = tile_starts(n_padded, g.tile_frames, g.hop_frames)
+    # Tile k starts at padded frame s = k * hop and is centred on frame s + offset of the
+    # sound (frame i of a centred STFT is at i / fps seconds).
+    offset = (g.tile_frames - 1) / 2 - (g.tile_frames - 1) // 2
+    centre = 1000.0 * (start + offset) / fps
+    keep = (start % g.hop_frames == 0) & (centre <= duration_ms)  # the grid only, within the sound
+    keep[0] = True  # a sound shorter than one frame hop still has its first tile
+    return keep, np.minimum(centre, duration_ms)
 
 
 def get_scene_embeddings(audio, model: HearModel) -> tf.Tensor:
@@ -213,4 +242,6 @@ def get_scene_embeddings(audio, model: HearModel) -> tf.Tensor:
 
     x = _check_audio(audio, model)
     rows = [pool_tiles(embed_frames(model.encoder, _frames(y, model), model.geometry)[0])[model.pooling] for y in x]
+    if not rows:  # an empty batch
+        return tf.zeros((0, model.scene_embedding_size), tf.float32)
     return tf.constant(np.stack(rows), dtype=tf.float32)

@@ -306,8 +306,12 @@ def _load_entries(ctx: StageContext) -> list:
     from .embed import load_embeddings
 
     entries = [load_embeddings(ctx.layout.embeddings("trained")), load_embeddings(ctx.layout.embeddings("random"))]
-    for extra in ctx.extra_runs:
-        entries.append(_embeddings_for_run(Path(extra), ctx.layout.cache, ctx.cfg, ctx.progress))
+    extras = [Path(r) for r in ctx.extra_runs]
+    names = run_names(extras)
+    _check_same_features(extras, names, ctx.layout.cache)
+    for extra, name in zip(extras, names):
+        entries.append(_embeddings_for_run(extra, ctx.layout.cache, ctx.cfg, ctx.progress))
+        entries[-1].meta["name"] = name
     return entries
 
 
@@ -393,20 +397,75 @@ def _summary(out: Path, report_path: Path) -> None:
     print(f"\nreport: {report_path}")
 
 
+def run_names(paths: Sequence[str | os.PathLike]) -> list[str]:
+    """Display names of run directories: the shortest path suffix that tells each apart.
+
+    ``runs/a`` and ``runs/b`` keep their last folder name (``a``, ``b``); ``a/run`` and
+    ``b/run`` become ``a/run`` and ``b/run``. A directory given twice gets `` (2)``.
+
+    Parameters
+    ----------
+    paths : run directories, in report order
+
+    Returns
+    -------
+    list of str, one per path
+    """
+    parts = [Path(os.path.abspath(p)).parts for p in paths]
+    names: list[str] = []
+    for i, p in enumerate(parts):
+        others = [q for q in parts if q != p]
+        n = 1
+        while n < len(p) and any(q[-n:] == p[-n:] for q in others):
+            n += 1
+        name = Path(*p[-n:]).as_posix()
+        seen = parts[:i].count(p)
+        names.append(f"{name} ({seen + 1})" if seen else name)
+    return names
+
+
+def _check_same_features(runs: Sequence[Path], names: Sequence[str], cache: Path) -> None:
+    """Raise, naming the runs, when a run's feature parameters are not the cache's (one line)."""
+    from dataclasses import fields
+
+    from .features import open_cache
+    from .runs import open_run
+
+    want = open_cache(cache).params
+    differ = []
+    for run, name in zip(runs, names):
+        have = open_run(run).features
+        keys = [f.name for f in fields(want) if getattr(have, f.name) != getattr(want, f.name)]
+        if keys:
+            differ.append(f"{name} has " + ", ".join(f"{k}={getattr(have, k)!r}" for k in keys))
+    if differ:
+        raise Tile2AudioError(
+            f"the runs' features differ from those of the cache {cache} the report embeds "
+            f"({'; '.join(differ)}); report runs trained on the same features together, or embed the "
+            "same audio with each run (`tile2audio embed RUN MANIFEST -o DIR`) and compare the folders "
+            "with `tile2audio probe`"
+        )
+
+
 def _embeddings_for_run(run_dir: Path, cache: Path, cfg: ExperimentConfig, progress: bool):
-    """Embeddings of ``cache`` by another run (written inside that run's folder)."""
+    """Embeddings of ``cache`` by another run (written inside that run's folder).
+
+    The run's feature parameters must be the cache's (:func:`_check_same_features`): the
+    clips are embedded from the cache's own frames, never from a manifest found beside it.
+    """
     from .embed import embed, load_embeddings
+    from .features import open_cache
 
     target = run_dir / "embeddings" / f"on-{_fingerprint(str(Path(cache).resolve()))}"
     if (target / "clip_embeddings.npz").is_file():
-        return load_embeddings(target)
-    try:
-        return embed(run_dir, cache, target, skip_existing=True, batch_size=cfg.embed.batch_size,
-                     progress=progress)
-    except Tile2AudioError:
-        # Another run may use other feature parameters: go through the audio instead.
-        return embed(run_dir, cache / ".." / "manifest.csv", target, skip_existing=True,
-                     batch_size=cfg.embed.batch_size, progress=progress)
+        done = load_embeddings(target)
+        # A folder holding other clips than the cache's (written by an older version) is redone.
+        if set(done.clips["clip_id"].astype(str)) == set(open_cache(cache).index["clip_id"].astype(str)):
+            return done
+        log.warning("%s holds other clips than the cache %s: embedding again", target, cache)
+        return embed(run_dir, cache, target, batch_size=cfg.embed.batch_size, progress=progress)
+    return embed(run_dir, cache, target, skip_existing=True, batch_size=cfg.embed.batch_size,
+                 progress=progress)
 
 
 def report_runs(run_dirs: Sequence[str | os.PathLike], out: str | os.PathLike,
@@ -415,30 +474,35 @@ def report_runs(run_dirs: Sequence[str | os.PathLike], out: str | os.PathLike,
 
     The first run's cache defines the clips and the splits. Each run is embedded on it
     (cached under the run's ``embeddings/``); the first run's initial weights give the
-    random-weight baseline and the cache's audio gives the MFCC baseline.
+    random-weight baseline and the cache's audio gives the MFCC baseline. Every run must
+    use the cache's feature parameters (else one error naming the runs); entries are
+    named by :func:`run_names`.
     """
     from .clusters import cluster_entries
-    from .probes import run_probes
     from .report import make_report
     from .runs import read_run
 
     cfg = cfg or ExperimentConfig()
     runs = [Path(r) for r in run_dirs]
     cache = Path(read_run(runs[0])["cache"])
+    names = run_names(runs)
+    _check_same_features(runs, names, cache)
     entries = [_embeddings_for_run(r, cache, cfg, progress) for r in runs]
     from .embed import embed, load_embeddings
 
     rnd = runs[0] / "embeddings" / "random"
     entries.append(load_embeddings(rnd) if (rnd / "clip_embeddings.npz").is_file() else
                    embed(runs[0], cache, rnd, weights="init", skip_existing=True, progress=progress))
+    for e, name in zip(entries, names + [f"{names[0]} (random)"]):
+        e.meta["name"] = name
     entries += baseline_sets(cache, cfg.probe.baselines, progress)
     out = Path(out)
-    probe_result = run_probes(entries, cfg.probe, progress=progress)
     cluster_result = cluster_entries(entries, cfg.cluster, out, figure_entry=entries[0])
     extra = {"runs": [str(r) for r in runs],
-             "train_seconds": {r.name: read_run(r).get("train_seconds") for r in runs}}
-    return make_report(entries, out, cfg.probe, cfg.cluster, probe_result=probe_result,
-                       cluster_result=cluster_result, extra=extra)
+             "train_seconds": {n: read_run(r).get("train_seconds") for r, n in zip(runs, names)}}
+    # make_report probes (or notes why it cannot: no labels, a single class).
+    return make_report(entries, out, cfg.probe, cfg.cluster, cluster_result=cluster_result, extra=extra,
+                       progress=progress)
 
 
 def demo(out: str | os.PathLike = "tile2audio-demo", overrides: Sequence[str] = (),

@@ -184,26 +184,45 @@ def _fold_protocol(t: pd.DataFrame, labelled: np.ndarray) -> list[Split]:
             for k in sorted(set(f))]
 
 
-def _kfold_protocol(t: pd.DataFrame, labelled: np.ndarray, config: ProbeConfig) -> list[Split]:
+def _kfold_count(y: np.ndarray, units: np.ndarray, unit: str, config: ProbeConfig, notes: list) -> int:
+    """The number of k-fold splits: ``n_splits``, lowered (with a note) to what the classes allow."""
+    per_class = {lab: len(set(units[y == lab])) for lab in sorted(set(y))}
+    n_units = len(set(units))
+    sizes = {lab: n for lab, n in per_class.items() if n >= 2}
+    if n_units < 2 or not sizes:
+        raise Tile2AudioError(
+            f"probe kfold: every class has a single labelled {unit[:-1]} ({n_units} in all), so no class "
+            "can be both trained on and tested; add clips, or give a split column (probe.protocol=split)"
+        )
+    singles = sorted(set(per_class) - set(sizes))
+    if singles:
+        notes.append(f"class(es) {', '.join(map(repr, singles[:5]))} have a single labelled {unit[:-1]}: "
+                     "they are never in the training side when tested")
+    small = min(sizes, key=sizes.get)
+    k = min(config.n_splits, n_units, sizes[small])
+    if k < config.n_splits:
+        why = (f"there are only {n_units} labelled {unit}" if n_units == k
+               else f"class {small!r} has only {sizes[small]} labelled {unit}")
+        notes.append(f"probe.n_splits={config.n_splits} lowered to {k}: {why}")
+    return k
+
+
+def _kfold_protocol(t: pd.DataFrame, labelled: np.ndarray, config: ProbeConfig, notes: list) -> list[Split]:
     """Stratified (grouped when groups exist) k-fold over the labelled clips."""
     y = t["label"].to_numpy()[labelled]
     grouped = bool((t["group"].iloc[labelled] != "").any())
     groups = _groups(t.iloc[labelled])
-    n_units = len(set(groups)) if grouped else len(labelled)
-    if n_units < config.n_splits:
-        raise Tile2AudioError(
-            f"probe.n_splits={config.n_splits} but there are only {n_units} labelled "
-            f"{'groups' if grouped else 'clips'}; lower probe.n_splits"
-        )
+    units = groups if grouped else t["clip_id"].to_numpy()[labelled]
+    k = _kfold_count(y, units, "groups" if grouped else "clips", config, notes)
     if grouped:
-        cv = StratifiedGroupKFold(config.n_splits, shuffle=True, random_state=config.seed)
+        cv = StratifiedGroupKFold(k, shuffle=True, random_state=config.seed)
     else:
-        cv = StratifiedKFold(config.n_splits, shuffle=True, random_state=config.seed)
+        cv = StratifiedKFold(k, shuffle=True, random_state=config.seed)
     empty = np.zeros(0, dtype=np.int64)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*least populated class.*")
         parts = list(cv.split(np.zeros(len(y)), y, groups if grouped else None))
-    return [Split(f"kfold {i + 1}/{config.n_splits}", labelled[tr].astype(np.int64), empty,
+    return [Split(f"kfold {i + 1}/{k}", labelled[tr].astype(np.int64), empty,
                   labelled[te].astype(np.int64)) for i, (tr, te) in enumerate(parts)]
 
 
@@ -224,8 +243,13 @@ def _inner_valid(t: pd.DataFrame, split: Split, seed: int) -> Split:
     return Split(split.name, train[tr], train[va], split.test)
 
 
-def make_splits(clips: pd.DataFrame, config: ProbeConfig = ProbeConfig()) -> list[Split]:
+def make_splits(clips: pd.DataFrame, config: ProbeConfig = ProbeConfig(), notes: list | None = None) -> list[Split]:
     """Build the leak-free splits of a clip table (see the module docstring).
+
+    k-fold lowers ``n_splits`` to the number of labelled clips (groups when grouped) of
+    the smallest class that has at least two, and to the number of clips (groups) in
+    all, with a warning; a class of a single clip is kept, with a warning (it is never
+    on the training side when tested).
 
     Parameters
     ----------
@@ -233,6 +257,8 @@ def make_splits(clips: pd.DataFrame, config: ProbeConfig = ProbeConfig()) -> lis
         Columns ``clip_id``, ``label`` and optionally ``split``, ``fold``, ``group``.
     config : ProbeConfig
         ``protocol``, ``n_splits`` and ``seed`` are used.
+    notes : list, optional
+        Receives the warnings (also logged) as strings, e.g. for probe.json.
 
     Returns
     -------
@@ -245,19 +271,45 @@ def make_splits(clips: pd.DataFrame, config: ProbeConfig = ProbeConfig()) -> lis
     labelled = np.flatnonzero(t["label"].to_numpy() != "")
     if len(labelled) == 0:
         raise Tile2AudioError("no clip has a label: probes need labels (the label column is empty)")
+    classes = sorted(set(t["label"].to_numpy()[labelled]))
+    if len(classes) < 2:
+        raise Tile2AudioError(f"probes need at least two classes; every labelled clip has the label {classes[0]!r}")
     protocol = resolve_protocol(t, config.protocol)
+    new_notes: list = []
     if protocol == "split":
         outer = _split_protocol(t, labelled)
     elif protocol == "fold":
         outer = _fold_protocol(t, labelled)
     else:
-        outer = _kfold_protocol(t, labelled, config)
+        outer = _kfold_protocol(t, labelled, config, new_notes)
+    for note in new_notes:
+        log.warning("probes: %s", note)
+    if notes is not None:
+        notes += new_notes
     splits = [s if len(s.valid) else _inner_valid(t, s, config.seed) for s in outer]
     for s in splits:
-        if len(s.train) == 0 or len(s.test) == 0:
-            raise Tile2AudioError(f"{s.name}: empty training or test side ({len(s.train)} / {len(s.test)} clips)")
+        check_sides(t, s)
         check_no_leak(t, s)
     return splits
+
+
+def check_sides(clips: pd.DataFrame, split: Split, why: str = "") -> None:
+    """Raise unless a split has test clips and training clips of at least two classes.
+
+    Parameters
+    ----------
+    clips : DataFrame with ``label``; ``split`` indexes its rows
+    split : Split
+    why : str
+        Appended to the message (what emptied the split).
+    """
+    if len(split.train) == 0 or len(split.test) == 0:
+        raise Tile2AudioError(f"{split.name}: empty training or test side "
+                              f"({len(split.train)} / {len(split.test)} clips){why}")
+    fit_classes = sorted(set(text_column(clips, "label")[split.fit]) - {""})
+    if len(fit_classes) < 2:
+        raise Tile2AudioError(f"{split.name}: every training clip has the label {fit_classes[0]!r}, so no "
+                              f"classifier can be fitted{why or ' (too few labelled clips or groups of the other classes)'}")
 
 
 def check_no_leak(clips: pd.DataFrame, split: Split) -> None:
@@ -516,7 +568,8 @@ def run_probes(entries: Sequence, config: ProbeConfig = ProbeConfig(), progress:
     dict
         ``protocol``, ``n_folds``, ``labels`` (class order of confusion matrices),
         ``n_clips`` (clips in the splits), ``dropped_clips`` (non-finite features),
-        ``splits`` (name and sizes of each), ``config`` and ``rows``: one dict per
+        ``splits`` (name and sizes of each), ``config``, ``notes`` (the warnings of
+        :func:`make_splits`, e.g. a lowered ``n_splits``) and ``rows``: one dict per
         (entry, probe) with ``name, kind, label_free, probe, pooling, level, dim,
         n_folds, chosen_c (list per fold, or None for k-NN), accuracy, accuracy_std,
         macro_f1, macro_f1_std, fold_accuracy, fold_macro_f1, per_class_f1 (dict),
@@ -526,7 +579,8 @@ def run_probes(entries: Sequence, config: ProbeConfig = ProbeConfig(), progress:
         raise Tile2AudioError("run_probes needs at least one embedding set")
     ref = _table(entries[0].clips)
     ref_ids = ref["clip_id"].to_numpy()
-    splits = make_splits(ref, config)
+    notes: list = []
+    splits = make_splits(ref, config, notes)
     needed = np.unique(np.concatenate([np.concatenate([s.fit, s.test]) for s in splits]))
     labels = sorted(set(ref["label"].to_numpy()[needed]))
     code = {lab: i for i, lab in enumerate(labels)}
@@ -535,6 +589,8 @@ def run_probes(entries: Sequence, config: ProbeConfig = ProbeConfig(), progress:
     datasets, bad = [], set()
     for e in entries:
         X, owner = _aligned(e, ref_ids, needed, config.level, config.pooling)
+        if X.shape[1] == 0:
+            raise Tile2AudioError(f"embedding set {e.name!r} has features of dimension 0; embed its clips again")
         datasets.append(ProbeData(X, owner, y, len(labels)))
         bad |= _non_finite_clips(X, owner)
     if bad:
@@ -542,6 +598,10 @@ def run_probes(entries: Sequence, config: ProbeConfig = ProbeConfig(), progress:
         log.warning("dropping %d clip(s) with non-finite features from every entry: %s",
                     len(bad_ids), ", ".join(bad_ids[:10]) + (" ..." if len(bad_ids) > 10 else ""))
         splits = [_drop(s, np.array(sorted(bad))) for s in splits]
+        why = (f" after dropping the {len(bad)} of {len(needed)} clips whose features are NaN or inf in "
+               + ", ".join(repr(e.name) for e, d in zip(entries, datasets) if _non_finite_clips(d.X, d.owner)))
+        for s in splits:
+            check_sides(ref, s, why)
 
     probes = _probe_names(config)
     rows = []
@@ -562,6 +622,7 @@ def run_probes(entries: Sequence, config: ProbeConfig = ProbeConfig(), progress:
                    for s in splits],
         "config": {"pooling": config.pooling, "level": config.level, "fixed_c": config.fixed_c,
                    "c_grid": list(config.c_grid), "knn_k": config.knn_k, "seed": config.seed},
+        "notes": notes,
         "rows": rows,
     }
 

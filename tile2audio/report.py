@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 from pathlib import Path
 from typing import Sequence
 
@@ -161,11 +162,13 @@ def _figures(probe_result, cluster, best, probe_config, out_dir, entries=()) -> 
 
 
 def _probe_or_skip(entries, config: ProbeConfig, progress: bool) -> dict:
-    """Run the probes, or an empty result with a note when the clips have no labels."""
-    if not (entries[0].clips["label"].fillna("").astype(str) != "").any():
-        log.warning("no clip has a label: the report has no probe section")
-        return {"protocol": None, "n_folds": 0, "labels": [], "n_clips": 0, "rows": [],
-                "note": "no labels: probes skipped (k-means analysis only)"}
+    """Run the probes, or an empty result with a note when the clips have fewer than two classes."""
+    classes = set(entries[0].clips["label"].fillna("").astype(str)) - {""}
+    if len(classes) < 2:
+        why = "no labels" if not classes else "a single class"
+        log.warning("%s: the report has no probe section", why)
+        return {"protocol": None, "n_folds": 0, "labels": sorted(classes), "n_clips": 0, "rows": [],
+                "note": f"{why}: probes skipped (k-means analysis only)"}
     return run_probes(entries, config, progress=progress)
 
 
@@ -223,6 +226,7 @@ def make_report(
         "dropped_clips": probe_result.get("dropped_clips", []),
         "splits": probe_result.get("splits", []),
         "probe_note": probe_result.get("note"),
+        "probe_notes": probe_result.get("notes", []),
         "best_entry": best.name,
         "entries": [{"name": e.name, "kind": e.kind, "label_free": e.label_free_result,
                      "n_clips": int(len(e.clips))} for e in entries],
@@ -240,6 +244,35 @@ def make_report(
 
 # --------------------------------------------------------------------------- markdown
 
+#: Characters with a meaning in Markdown (GitHub flavour) inline text and table cells.
+_MD_SPECIAL = re.compile(r"([\\`*_\[\]<>|~&#])")
+
+
+def escape_markdown(text) -> str:
+    """A label, clip id or name as literal one-line Markdown text (table cells included).
+
+    Control characters (a newline, tab, carriage return ...) are shown as their Unicode
+    control pictures (``\\n`` as U+240A ␊), so a label stays on one line and on one
+    table row, and Markdown's punctuation is backslash-escaped. The HTML page escapes
+    the same values with :func:`html.escape` instead.
+
+    Parameters
+    ----------
+    text : str, or any value (converted with ``str``)
+
+    Returns
+    -------
+    str
+    """
+    shown = "".join(chr(0x2400 + ord(c)) if ord(c) < 32 else "\u2421" if c == "\x7f" else c for c in str(text))
+    return _MD_SPECIAL.sub(lambda m: m[1] if _intraword(m) else "\\" + m[1], shown)
+
+
+def _intraword(m: re.Match) -> bool:
+    """True for an ``_`` between two letters or digits (``class_2``): no emphasis there, left as is."""
+    s, i = m.string, m.start()
+    return m[1] == "_" and 0 < i < len(s) - 1 and s[i - 1].isalnum() and s[i + 1].isalnum()
+
 
 def _pm(mean, std) -> str:
     """``0.812 ± 0.021`` (or an em dash when missing)."""
@@ -255,13 +288,14 @@ def _num(v, fmt: str = "{:.3f}") -> str:
 
 def _name(row: dict) -> str:
     """Entry name with a dagger for label-using entries."""
-    return f"{row['name']} †" if not row.get("label_free", True) or row.get("kind") == "supervised" else row["name"]
+    name = escape_markdown(row["name"])
+    return f"{name} †" if not row.get("label_free", True) or row.get("kind") == "supervised" else name
 
 
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     """Markdown table lines."""
     out = ["| " + " | ".join(header) + " |", "|" + "|".join(" --- " for _ in header) + "|"]
-    return out + ["| " + " | ".join(str(c).replace("|", "\\|") for c in r) + " |" for r in rows]
+    return out + ["| " + " | ".join(re.sub(r"(?<!\\)\|", r"\\|", str(c)) for c in r) + " |" for r in rows]
 
 
 def _probe_section(report: dict) -> list[str]:
@@ -291,6 +325,8 @@ def _probe_section(report: dict) -> list[str]:
     if report.get("dropped_clips"):
         lines += ["", f"{len(report['dropped_clips'])} clip(s) with non-finite features were left out of "
                       "every entry's evaluation."]
+    if report.get("probe_notes"):
+        lines += [""] + [f"- {escape_markdown(n)}" for n in report["probe_notes"]]
     return lines + [""]
 
 
@@ -300,7 +336,7 @@ def _per_class_section(report: dict) -> list[str]:
     if not rows:
         return []
     lines = ["## Per-class F1 (logistic regression)", ""]
-    table = [[lab] + [_num(r["per_class_f1"].get(lab)) for r in rows] for lab in report["labels"]]
+    table = [[escape_markdown(lab)] + [_num(r["per_class_f1"].get(lab)) for r in rows] for lab in report["labels"]]
     return lines + _table(["class"] + [_name(r) for r in rows], table) + [""]
 
 
@@ -327,7 +363,7 @@ def _cluster_section(report: dict) -> list[str]:
                      "Davies-Bouldin", "gap", "NMI", "ARI", "purity", "matched acc."], table)
     notes = sorted({f"{r.get('name', '')}: {n}" for r in entries for n in r.get("notes", [])})
     if notes:
-        lines += [""] + [f"- {n}" for n in notes]
+        lines += [""] + [f"- {escape_markdown(n)}" for n in notes]
     return lines + [""]
 
 
@@ -350,11 +386,13 @@ def _figure_lines(figures: list[dict]) -> list[str]:
         if f["kind"] == "map_random" and any(g["kind"] == "map" for g in figures):
             continue
         if f["kind"] == "map" and twin is not None:
+            cap, twin_cap = escape_markdown(f["caption"]), escape_markdown(twin["caption"])
             lines += _table(["trained", "random weights (before training)"],
-                            [[f"![{f['caption']}]({f['file']})", f"![{twin['caption']}]({twin['file']})"]])
-            lines += ["", f"*{f['caption']} Beside it: {twin['caption']}*", ""]
+                            [[f"![{cap}]({f['file']})", f"![{twin_cap}]({twin['file']})"]])
+            lines += ["", f"*{cap} Beside it: {twin_cap}*", ""]
             continue
-        lines += [f"![{f['caption']}]({f['file']})", "", f"*{f['caption']}*", ""]
+        cap = escape_markdown(f["caption"])
+        lines += [f"![{cap}]({f['file']})", "", f"*{cap}*", ""]
     return lines
 
 
@@ -369,8 +407,9 @@ def render_markdown(report: dict) -> str:
     -------
     str
     """
-    lines = [f"# {report['title']}", "",
-             "Entries: " + ", ".join(f"{e['name']} ({e['kind']}{'' if e['label_free'] else ', uses labels'})"
+    lines = [f"# {escape_markdown(report['title'])}", "",
+             "Entries: " + ", ".join(f"{escape_markdown(e['name'])} ({e['kind']}"
+                                     f"{'' if e['label_free'] else ', uses labels'})"
                                      for e in report.get("entries", [])) + ".", ""]
     lines += _probe_section(report)
     lines += _per_class_section(report)
