@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import TINY_FEATURES, TINY_TRAIN
+from conftest import SHARED_DATASETS, TINY_FEATURES, TINY_TRAIN
 from tile2audio.audio import load_audio, loop_pad
 from tile2audio.cli import main
 from tile2audio.config import FeatureParams, ModelConfig, load_training
@@ -59,6 +59,24 @@ def test_exported_model_agrees_with_embed(float_run, saved, tmp_path, write_audi
         assert _cosine(out["embeddings"], e_ref).min() >= 0.999, seconds
         np.testing.assert_allclose(out["timestamps"], ts_ref, atol=1e-4)
         np.testing.assert_allclose(out["clip_embedding"], ref.pooled("meanstd")[0], atol=1e-4)
+
+
+DEV_SETS = sorted(p for p in SHARED_DATASETS.glob("*") if p.is_dir()) if SHARED_DATASETS.is_dir() else []
+
+
+@pytest.mark.skipif(not DEV_SETS, reason=f"no development data sets at {SHARED_DATASETS}")
+def test_exported_model_agrees_on_real_clips(float_run, saved):
+    """Two clips of each development set (TILE2AUDIO_DATASETS points elsewhere)."""
+    model = load_exported(saved)
+    for root in DEV_SETS:
+        files = sorted(f for f in root.rglob("*") if f.suffix.lower() in (".wav", ".mp3", ".ogg", ".flac"))[:2]
+        for path in files:
+            ref = embed(float_run, [path], progress=False)
+            e_ref, ts_ref = ref.tiles(ref.clips["clip_id"][0])
+            out = model.embed(load_audio(path, SR))
+            assert out["embeddings"].shape == e_ref.shape, path
+            assert _cosine(out["embeddings"], e_ref).min() >= 0.999, path
+            np.testing.assert_allclose(out["timestamps"], ts_ref, atol=1e-3)
 
 
 @pytest.mark.parametrize("changes", [
