@@ -110,6 +110,8 @@ def test_loads_in_a_fresh_process_without_tile2audio(saved, tmp_path, tone_fn):
         f"m = tf.saved_model.load({str(saved)!r})\n"
         f"out = m.embed(np.load({str(tmp_path / 'wave.npy')!r}))\n"
         f"np.save({str(tmp_path / 'emb.npy')!r}, out['embeddings'].numpy())\n"
+        "served = m.signatures['serving_default'](waveform=tf.constant(np.load('wave.npy')))\n"
+        "assert served['embeddings'].shape == out['embeddings'].shape\n"
         "assert 'tile2audio' not in sys.modules\n"
         "print(json.dumps({'sr': int(m.info()['sample_rate']), 'shape': out['embeddings'].shape.as_list(),"
         " 'mods': sorted(k for k in sys.modules if k.startswith('tile2audio'))}))\n"

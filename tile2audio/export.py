@@ -10,7 +10,8 @@ TensorFlow alone, in a process that never imports tile2audio::
 
 Layout of ``DIR``::
 
-    saved_model.pb, variables/   the SavedModel (``--format saved_model``, the default)
+    saved_model.pb, variables/   the SavedModel (``--format saved_model``, the default); signatures
+                                 serving_default (= embed), embed, embed_clip (rank 1), info
     model.tflite                 the TFLite flatbuffer (``--format tflite``)
     export.json                  what was exported: run, weights, precision, shapes, sample rate
     model_card.md                config, data set, probe figures, input contract, outputs
@@ -110,33 +111,27 @@ def float32_encoder(encoder):
         ``encoder`` itself when it already computes in float32, else a float32 twin
         built from its config (built-in layers only, as in safe mode).
     """
-    import keras
-
-    config = encoder.get_config()
-    changed = [False]
+    changed = []
 
     def walk(node):
         if isinstance(node, dict):
-            if node.get("class_name") in ("DTypePolicy", "FloatDTypePolicy") and isinstance(node.get("config"), dict):
-                if node["config"].get("name") != "float32":
-                    node["config"]["name"] = "float32"
-                    changed[0] = True
-            elif node.get("module") is None and isinstance(node.get("dtype"), str) and node["dtype"].startswith("mixed_"):
-                node["dtype"] = "float32"
-                changed[0] = True
+            # Keras 3 serialises a layer's policy as {"class_name": "DTypePolicy", "config": {"name": ...}}.
+            policy = node.get("config") if node.get("class_name") in ("DTypePolicy", "FloatDTypePolicy") else None
+            if isinstance(policy, dict) and policy.get("name") != "float32":
+                policy["name"] = "float32"
+                changed.append(True)
             for value in node.values():
                 walk(value)
         elif isinstance(node, list):
             for value in node:
                 walk(value)
 
-    config = copy.deepcopy(config)
+    config = copy.deepcopy(encoder.get_config())
     walk(config)
-    if not changed[0]:
+    if not changed:
         return encoder
     twin = encoder.__class__.from_config(config)
     twin.set_weights(encoder.get_weights())
-    keras.config.set_dtype_policy(keras.config.dtype_policy())  # from_config leaves the global policy alone
     return twin
 
 
