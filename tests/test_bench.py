@@ -133,3 +133,15 @@ def test_forward_flops_counts_conv_dense_and_gru_layer_by_layer():
 def test_missing_data_folder_is_a_clear_error(tmp_path):
     with pytest.raises(Tile2AudioError):
         run_bench("features", data=tmp_path / "nowhere", seconds=0.1, settings=TINY)
+
+
+def test_embed_stage_reports_embedding_and_training_tile_rates(folder):
+    result = run_bench("embed", data=folder, seconds=0.2, settings=TINY, encoders=["cnn"])
+    e = result["embed"]["cnn"]
+    for key in ("train_tiles_per_s", "train_pipeline_tiles_per_s", "embed_tiles_per_s", "embed_cache_tiles_per_s",
+                "saved_model_tiles_per_s", "saved_model_run_precision_tiles_per_s", "peak_rss_mb"):
+        assert _positive(e[key]), key
+    assert e["clips"] == 6 and e["tiles"] >= 6  # every clip gives at least one tile
+    assert e["embed_vs_train"] == pytest.approx(e["embed_tiles_per_s"] / e["train_tiles_per_s"])
+    assert e["saved_model_vs_train"] == pytest.approx(e["saved_model_tiles_per_s"] / e["train_tiles_per_s"])
+    assert "train" not in result

@@ -114,3 +114,37 @@ def test_head_runs_embed_at_the_recorded_layer_for_trained_and_random(tiny_cache
     for weights in ("trained", "init"):
         emb = embed_fn(run, tiny_cache, weights=weights, progress=False)
         assert emb.pooled("mean").shape[1] == dim
+
+
+def test_embed_many_batches_across_clips_like_cut_tiles():
+    """Tiles of several clips share forward passes; each clip gets exactly cut_tiles' tiles, in order."""
+    from tile2audio.embed import embed_many
+    from tile2audio.tiles import TileGeometry, cut_tiles
+
+    class Recorder:
+        """A stand-in encoder: each tile's embedding is its mean and its first value; records batch sizes."""
+
+        def __init__(self):
+            self.sizes = []
+
+        def __call__(self, x, training=False):
+            import tensorflow as tf
+
+            # embed_many runs the encoder inside a tf.function: record each call's size at run time.
+            logged = tf.py_function(lambda n: self.sizes.append(int(n)) or 0, [tf.shape(x)[0]], tf.int32)
+            with tf.control_dependencies([logged]):
+                return tf.stack([tf.reduce_mean(x, axis=[1, 2, 3]), x[:, 0, 0, 0]], axis=1)
+
+    geometry = TileGeometry(tile_frames=8, hop_frames=3, neighbourhood_frames=0, min_gap_frames=0, frames_per_second=10)
+    rng = np.random.default_rng(0)
+    clips = [("a", rng.standard_normal((5, 4))), ("b", rng.standard_normal((40, 4))), ("c", rng.standard_normal((9, 4))),
+             ("d", rng.standard_normal((300, 4)))]
+    encoder = Recorder()
+    got = list(embed_many(encoder, clips, geometry, batch_size=16))
+    assert [g[0] for g in got] == ["a", "b", "c", "d"]
+    for (key, frames), (_, e, ts) in zip(clips, got):
+        tiles, ref_ts = cut_tiles(frames, geometry)
+        np.testing.assert_allclose(e, np.stack([tiles.mean(axis=(1, 2)), tiles[:, 0, 0]], axis=1), atol=1e-6)
+        np.testing.assert_array_equal(ts, ref_ts)
+    total = sum(len(e) for _, e, _ in got)
+    assert sum(encoder.sizes) == total and encoder.sizes[:-1] == [16] * (len(encoder.sizes) - 1)

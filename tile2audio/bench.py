@@ -43,6 +43,18 @@ Measures, on the built-in synthetic demo data (or a folder of labelled audio):
     ``memory_bounded``: peak RSS of a short training run whose ``sampler.memory_gb`` is a
     quarter of the cache's float32 size (so the sampler rotates pools), beside the same
     run with an unbounded budget, and the budget itself.
+``embed``
+    :func:`_embed_stage`, one process per encoder: the training step's tile rate
+    (``train_tiles_per_s``: 3 x the model-only triplets/s of the trainer's own step, i.e.
+    forward + backward over three tiles per triplet, as in ``train``), then a short real
+    training run (:data:`EMBED_TRAIN_STEPS` steps) whose run is embedded with
+    :func:`tile2audio.embed.embed`, end to end as ``tile2audio embed`` does it: from the
+    audio files (``embed_tiles_per_s``, decoding and log-mel included) and from the
+    feature cache (``embed_cache_tiles_per_s``); then exported
+    (:func:`tile2audio.export.export_run`, float32 and in the run's precision) and the
+    SavedModel, loaded with ``tf.saved_model.load``, timed on the same clips' waveforms,
+    one call per clip (``saved_model_tiles_per_s``, ``saved_model_run_precision_tiles_per_s``;
+    after one warm-up call). ``*_vs_train`` are the ratios to ``train_tiles_per_s``.
 
 Every stage (and every encoder) runs in a fresh child process (multiprocessing
 ``spawn``) and reports that process's peak resident memory (``peak_rss_mb``, from
@@ -76,11 +88,13 @@ if TYPE_CHECKING:
     from .config import SamplerConfig, TileConfig
     from .tiles import TileGeometry
 
-WHAT = ("features", "sampler", "train", "all")
+WHAT = ("features", "sampler", "train", "embed", "all")
 
 #: Steps of the memory-bounded run, and pool rotation period (so several pools load).
 MEMORY_STEPS = 8
 MEMORY_ROTATE_STEPS = 2
+#: Training steps of the run the ``embed`` stage embeds (its speed does not depend on them).
+EMBED_TRAIN_STEPS = 4
 
 
 def run_bench(
@@ -98,7 +112,7 @@ def run_bench(
 
     Parameters
     ----------
-    what : {"features", "sampler", "train", "all"}
+    what : {"features", "sampler", "train", "embed", "all"}
         Which stages to measure.
     data : path, optional
         A folder of labelled audio (one sub-folder per label, see
@@ -126,7 +140,7 @@ def run_bench(
     dict
         ``{"what", "data", "cpu_count", "seconds", "settings", "features": {...},
         "sampler": {...}, "train": {"device", "cnn": {...}, "crnn": {...},
-        "resnet18": {...}, "peak_rss_mb", "memory_bounded": {...}}}`` (only the stages
+        "resnet18": {...}, "peak_rss_mb", "memory_bounded": {...}}, "embed": {"cnn": {...}, ...}}`` (only the stages
         asked for); rates are per second, memory in MiB, work in GFLOP (10^9 FLOP).
 
     Raises
@@ -152,13 +166,19 @@ def run_bench(
         if "features" in stages:
             result["features"] = _in_child("features", _features_stage, manifest, work / "features",
                                            settings.features, seconds)
-        if "sampler" in stages or "train" in stages:
+        if "sampler" in stages or "train" in stages or "embed" in stages:
             cache = _in_child("cache", _cache_stage, manifest, work / "cache", settings.features)["path"]
         if "sampler" in stages:
             result["sampler"] = _in_child("sampler", _sampler_stage, cache, settings.training, manifest, seconds)
         if "train" in stages:
             result["train"] = _train_all(cache, settings.training, encoders, work, seconds,
                                          baseline=bool(baseline), matmul_size=matmul_size)
+        if "embed" in stages:
+            result["embed"] = {enc: _in_child(f"embed ({enc})", _embed_stage, cache, manifest,
+                                              replace(settings.training, model=replace(settings.training.model,
+                                                                                       encoder=enc)),
+                                              work / f"embed-{enc}", seconds)
+                               for enc in encoders}
     if json_path is not None:
         atomic.write_json(json_path, result)
     return result
@@ -171,7 +191,7 @@ def _stages(what: str) -> tuple[str, ...]:
     """The stages ``what`` asks for."""
     if what not in WHAT:
         raise Tile2AudioError(f"bench: what must be one of {', '.join(WHAT)}, got {what!r}")
-    return ("features", "sampler", "train") if what == "all" else (what,)
+    return ("features", "sampler", "train", "embed") if what == "all" else (what,)
 
 
 def _check_encoders(encoders: Sequence[str]) -> tuple[str, ...]:
@@ -730,3 +750,51 @@ def _memory_stage(cache_dir: str, training: TrainingConfig, out: Path, bounded: 
     return {"encoder": cfg.model.encoder, "steps": MEMORY_STEPS, "rotate_steps": MEMORY_ROTATE_STEPS,
             "rotating": rotating, "cache_float32_mb": size / 2**20, "budget_mb": budget / 2**20,
             "rss_before_training_mb": baseline, "wall_seconds": round(time.perf_counter() - started, 3)}
+
+
+# --------------------------------------------------------------------------- embedding
+
+
+def _embed_stage(cache_dir: str, manifest: Path, training: TrainingConfig, out: Path, seconds: float) -> dict:
+    """Tiles/s of ``tile2audio embed`` and of the exported SavedModel, beside the training step's tile rate."""
+    import tensorflow as tf
+
+    from .audio import load_audio
+    from .datasets import read_manifest, resolve_paths
+    from .embed import embed
+    from .export import export_run
+    from .features import open_cache
+    from .train import train
+
+    train_figures = _train_stage(cache_dir, training, seconds, False, 256)
+    cache = open_cache(cache_dir)
+    cfg = replace(training, train=replace(training.train, epochs=1, steps_per_epoch=EMBED_TRAIN_STEPS,
+                                          checkpoint_every_steps=EMBED_TRAIN_STEPS, probe_every_epochs=0,
+                                          warmup_steps=0))
+    run = train(cache_dir, out / "run", cfg, exact=True, progress=False)
+    paths = resolve_paths(read_manifest(manifest))
+    # Three tiles per triplet: forward and backward work of the trainer's own step, per tile.
+    out_figures: dict[str, Any] = {
+        "clips": len(paths), "precision": train_figures["precision"], "batch_size": 128,
+        "train_tiles_per_s": 3 * train_figures["model_only_triplets_per_s"],
+        "train_pipeline_tiles_per_s": 3 * train_figures["triplets_per_s"],
+    }
+    for key, source in (("embed_tiles_per_s", manifest), ("embed_cache_tiles_per_s", cache_dir)):
+        started = time.perf_counter()
+        emb = embed(run, source, progress=False)
+        elapsed = time.perf_counter() - started
+        out_figures[key] = int(emb.clips["n_tiles"].sum()) / elapsed
+        out_figures["tiles"] = int(emb.clips["n_tiles"].sum())
+    waves = [load_audio(p, cache.params.sample_rate) for p in paths]
+    for key, precision in (("saved_model_tiles_per_s", "float32"), ("saved_model_run_precision_tiles_per_s", "run")):
+        model = tf.saved_model.load(str(export_run(run, out / f"model-{precision}", precision=precision)))
+        model.embed(waves[0])  # warm-up
+        tiles, started = 0, time.perf_counter()
+        for wave in waves:
+            tiles += int(model.embed(wave)["embeddings"].shape[0])
+        out_figures[key] = tiles / (time.perf_counter() - started)
+    for key in ("embed_tiles_per_s", "embed_cache_tiles_per_s", "saved_model_tiles_per_s",
+                "saved_model_run_precision_tiles_per_s"):
+        out_figures[key.replace("_tiles_per_s", "_vs_train")] = out_figures[key] / out_figures["train_tiles_per_s"]
+    out_figures["device"] = train_figures["device"]
+    return out_figures

@@ -25,7 +25,7 @@ def _k_range(text: str) -> tuple[int, int]:
 
 def _parser() -> argparse.ArgumentParser:
     from .bench import WHAT
-    from .config import LEVELS, STRATEGIES, WEIGHTS
+    from .config import EXPORT_FORMATS, EXPORT_PRECISIONS, LEVELS, STRATEGIES, WEIGHTS
     from .datasets import SOURCES
     from .datasets.fma import SUBSETS
 
@@ -82,6 +82,15 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--root", help="data root overriding a manifest's root column")
     s.add_argument("--batch-size", type=int, default=128)
     s.set_defaults(func=_embed)
+
+    s = sub.add_parser("export", help="a self-contained SavedModel / TFLite model: waveform in, embeddings out")
+    s.add_argument("run_dir")
+    s.add_argument("-o", "--output", required=True, help="model folder")
+    s.add_argument("--format", choices=EXPORT_FORMATS, default="saved_model")
+    s.add_argument("--weights", choices=WEIGHTS, default="trained")
+    s.add_argument("--precision", choices=EXPORT_PRECISIONS, default="float32",
+                   help="float32 (the reference) or the run's own dtype policy")
+    s.set_defaults(func=_export)
 
     s = sub.add_parser("probe", help="linear / k-NN probes of embedding directories")
     s.add_argument("embeddings", nargs="+", help="embedding directories (the first defines the clips)")
@@ -194,6 +203,13 @@ def _embed(args: argparse.Namespace, progress: bool) -> None:
     emb = embed(args.run_dir, inputs, args.output, weights=args.weights, skip_existing=args.skip_existing,
                 batch_size=args.batch_size, root=args.root, progress=progress)
     print(f"{args.output}: {len(emb.clips)} clips, dim {emb.meta['dim']}")
+
+
+def _export(args: argparse.Namespace, progress: bool) -> None:
+    from .export import export_run
+
+    out = export_run(args.run_dir, args.output, format=args.format, weights=args.weights, precision=args.precision)
+    print(f"{out}: {args.format}, see {out / 'model_card.md'}")
 
 
 def _probe(args: argparse.Namespace, progress: bool) -> None:

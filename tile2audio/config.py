@@ -60,6 +60,10 @@ PROBE_PROTOCOLS = ("auto", "split", "fold", "kfold")
 POOLINGS = ("mean", "meanstd", "max")
 LEVELS = ("clip", "tile")
 WEIGHTS = ("trained", "init")
+#: ``tile2audio export --format``: a TensorFlow SavedModel folder, or a TFLite flatbuffer.
+EXPORT_FORMATS = ("saved_model", "tflite")
+#: ``tile2audio export --precision``: float32 (the reference), or the run's own dtype policy.
+EXPORT_PRECISIONS = ("float32", "run")
 
 
 def _check_choice(name: str, value: Any, choices: Sequence[Any]) -> None:

@@ -25,23 +25,29 @@ import os
 import json
 import logging
 import re
+import weakref
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 import pandas as pd
 
 from . import atomic
+from .audio import loop_pad
 from .console import show_progress
 from .datasets.schema import text_column
 from .errors import Tile2AudioError
 from .runs import open_run, read_run
-from .tiles import cut_tiles
+from .tiles import tile_starts, tile_timestamps
 
 log = logging.getLogger(__name__)
 
 POOLINGS = ("mean", "meanstd", "max")
+#: Clips :func:`embed` decodes ahead of the encoder (in one background thread).
+PREFETCH_CLIPS = 4
 CLIP_COLUMNS = ["clip_id", "file", "n_tiles", "label", "split", "fold", "group", "path"]
 
 
@@ -327,9 +333,8 @@ def _check_finite_weights(encoder, run_dir: Path, weights: str) -> None:
 def embed_frames(encoder, frames: np.ndarray, geometry, batch_size: int = 128) -> tuple[np.ndarray, np.ndarray]:
     """Embed one clip's normalised log-mel frames tile by tile: :func:`tile2audio.tiles.cut_tiles`, batched.
 
-    The tiles are cut once (float32, ``tile_frames / hop_frames`` times the frames'
-    size) and fed to the encoder ``batch_size`` at a time, which bounds the activation
-    memory on hour-long clips.
+    The same as :func:`embed_many` with one clip: tiles are cut ``batch_size`` at a time
+    (memory bounded on hour-long clips) and run through the encoder's compiled forward pass.
 
     Parameters
     ----------
@@ -345,10 +350,103 @@ def embed_frames(encoder, frames: np.ndarray, geometry, batch_size: int = 128) -
     embeddings : np.ndarray, shape (n_tiles, D)
     timestamps : np.ndarray, shape (n_tiles, 2), start and end in seconds
     """
-    tiles, timestamps = cut_tiles(frames, geometry)
-    out = [np.asarray(encoder(tiles[i:i + batch_size, ..., None], training=False))
-           for i in range(0, len(tiles), batch_size)]
-    return np.concatenate(out), timestamps
+    for _, e, ts in embed_many(encoder, [(0, frames)], geometry, batch_size):
+        return e, ts
+    raise Tile2AudioError("embed_frames: nothing was embedded")  # pragma: no cover - one clip in, one out
+
+
+_FORWARD: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _forward(encoder):
+    """The encoder's inference call as one ``tf.function`` (cached per encoder): no eager per-layer dispatch."""
+    fn = _FORWARD.get(encoder)
+    if fn is None:
+        import tensorflow as tf
+
+        fn = tf.function(lambda x: encoder(x, training=False), reduce_retracing=True)
+        _FORWARD[encoder] = fn
+    return fn
+
+
+def embed_many(encoder, clips: Iterable, geometry, batch_size: int = 128) -> Iterator[tuple]:
+    """Embed many clips with full batches: tiles of consecutive clips share a forward pass.
+
+    Per-clip batches waste the encoder on short clips (a 3 s clip at a 0.75 s hop gives
+    4 tiles); here tiles are gathered across clips until ``batch_size`` of them are
+    waiting, every batch but the last is full, and each clip is yielded as soon as its
+    last tile is embedded. Memory stays bounded: tiles are cut from a clip's frames
+    ``batch_size`` at a time (an hour-long clip never holds all its tiles at once), so
+    at most about two batches of tiles, the frames of the clips in flight and their
+    (n_tiles, D) outputs are held.
+
+    Parameters
+    ----------
+    encoder : keras.Model
+        Maps (B, T, M, 1) to (B, D).
+    clips : iterable of (key, frames)
+        ``frames`` float32 (n_frames, n_mels), normalised; ``key`` is returned as given.
+    geometry : tile2audio.tiles.TileGeometry
+    batch_size : int
+        Tiles per forward pass.
+
+    Yields
+    ------
+    (key, embeddings (n_tiles, D), timestamps (n_tiles, 2))
+        In the order of ``clips``; the tiles are those of :func:`tile2audio.tiles.cut_tiles`.
+    """
+    if batch_size < 1:
+        raise Tile2AudioError(f"batch_size must be >= 1, got {batch_size}")
+    forward = _forward(encoder)
+    T = geometry.tile_frames
+    offsets = np.arange(T, dtype=np.int64)
+    waiting: list[tuple[int, np.ndarray]] = []  # (clip slot, tiles), not yet run
+    n_waiting = 0
+    open_clips: dict[int, list] = {}  # slot -> [key, timestamps, pieces, tiles still to come]
+    order: list[int] = []
+
+    def run_batch() -> None:
+        nonlocal n_waiting
+        if not waiting:
+            return
+        out = np.asarray(forward(np.concatenate([t for _, t in waiting])[..., None]), dtype=np.float32)
+        i = 0
+        for slot, t in waiting:
+            entry = open_clips[slot]
+            entry[2].append(out[i:i + len(t)])
+            entry[3] -= len(t)
+            i += len(t)
+        waiting.clear()
+        n_waiting = 0
+
+    def finished() -> Iterator[tuple]:
+        while order and open_clips[order[0]][3] == 0:
+            key, ts, pieces, _ = open_clips.pop(order.pop(0))
+            yield key, np.concatenate(pieces), ts
+
+    for slot, (key, frames) in enumerate(clips):
+        frames = np.asarray(frames, dtype=np.float32)
+        if frames.ndim != 2 or frames.shape[0] < 1 or frames.shape[1] < 1:
+            raise Tile2AudioError(f"embed: frames of shape (n_frames, n_mels) expected, got {frames.shape}")
+        n_frames = frames.shape[0]
+        starts = tile_starts(n_frames, T, geometry.hop_frames)
+        ts = tile_timestamps(starts, n_frames, T, geometry.frames_per_second)
+        if n_frames < T:
+            frames = loop_pad(frames, T)
+        open_clips[slot] = [key, ts, [], len(starts)]
+        order.append(slot)
+        i = 0
+        while i < len(starts):
+            # Fill the batch in flight exactly: every forward pass but the last is full.
+            part = starts[i:i + batch_size - n_waiting]
+            waiting.append((slot, frames[part[:, None] + offsets[None, :]]))
+            n_waiting += len(part)
+            i += len(part)
+            if n_waiting >= batch_size:
+                run_batch()
+        yield from finished()
+    run_batch()
+    yield from finished()
 
 
 def _clip_sources(paths, root=None):
@@ -452,6 +550,10 @@ def embed(
     if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
         raise Tile2AudioError(f"--batch-size (embed batch_size) must be a positive whole number of tiles, "
                               f"got {batch_size!r}")
+    from tqdm.auto import tqdm
+
+    from .features import extract_clip, normalize_frames
+
     run_dir = Path(run_dir)
     info = read_run(run_dir)
     run = open_run(run_dir)
@@ -487,15 +589,61 @@ def embed(
         _claim_tiles(out, marker, skip_existing)
     tile_arrays: dict = {}
     keep = []
+
+    def frames_of(i: int, row) -> np.ndarray | None:
+        try:
+            # The run's statistics, not the cache's: a run embeds other data the way it trained.
+            raw = obj.frames(row["clip_id"], raw=True) if source == "cache" else extract_clip(row["path"], params)[0]
+            return normalize_frames(raw, params, stats)
+        except Tile2AudioError as exc:
+            log.warning("skipping %s: %s", row["clip_id"], exc)
+            return None
+
+    def todo() -> Iterator[tuple[int, np.ndarray]]:
+        rows = []
+        for i, row in clips.iterrows():
+            target = out / "tiles" / f"{row['file']}.npz" if out is not None else None
+            if target is not None and skip_existing and target.is_file():
+                keep.append(i)
+                bar.update()
+            else:
+                rows.append((i, row))
+        # Decode and featurise the next clips in a thread while the encoder runs (librosa
+        # and soundfile release the GIL); a few clips ahead at most, so memory stays bounded.
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            ahead: deque = deque()
+            for i, row in rows:
+                ahead.append((i, pool.submit(frames_of, i, row)))
+                if len(ahead) > PREFETCH_CLIPS:
+                    yield from _ready(ahead.popleft())
+            while ahead:
+                yield from _ready(ahead.popleft())
+
+    def _ready(item) -> Iterator[tuple[int, np.ndarray]]:
+        i, future = item
+        frames = future.result()
+        if frames is None:
+            bar.update()
+        else:
+            yield i, frames
+
     try:
-        _embed_rows(clips, out, obj, source, encoder, params, stats, geometry, batch_size, skip_existing,
-                    keep, tile_arrays, progress)
+        with tqdm(total=len(clips), desc="embed", unit="clip", disable=not show_progress(progress)) as bar:
+            for i, e, ts in embed_many(encoder, todo(), geometry, batch_size):
+                if out is not None:
+                    atomic.save_npz(out / "tiles" / f"{clips.at[i, 'file']}.npz", embeddings=e.astype(np.float32),
+                                    timestamps=ts)
+                else:
+                    tile_arrays[clips.at[i, "clip_id"]] = (e, ts)
+                keep.append(i)
+                bar.update()
     except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM: the tile files written so far are complete
         if out is None:
             raise
         raise KeyboardInterrupt(
             f"{len(keep)} of {len(clips)} clips embedded into {out}; rerun the same command with "
             "--skip-existing to embed only the rest") from exc
+    keep.sort()
     clips = clips.loc[keep].reset_index(drop=True)
     if not len(clips):
         raise Tile2AudioError("no clip could be embedded")
@@ -505,30 +653,3 @@ def embed(
     arrays = {p: np.stack([x[p] for x in pooled]) for p in POOLINGS}
     clips["n_tiles"] = [len(tile_arrays[c][0]) for c in clips["clip_id"]]
     return EmbeddingSet(clips=_clip_table(clips), arrays=arrays, meta=meta, tile_arrays=tile_arrays)
-
-
-def _embed_rows(clips, out, obj, source, encoder, params, stats, geometry, batch_size, skip_existing,
-                keep: list, tile_arrays: dict, progress: bool) -> None:
-    """Embed each clip row, appending kept row numbers to ``keep`` (the loop of :func:`embed`)."""
-    from tqdm.auto import tqdm
-
-    from .features import extract_clip, normalize_frames
-
-    for i, row in tqdm(list(clips.iterrows()), desc="embed", unit="clip", disable=not show_progress(progress)):
-        target = out / "tiles" / f"{row['file']}.npz" if out is not None else None
-        if target is not None and skip_existing and target.is_file():
-            keep.append(i)
-            continue
-        try:
-            # The run's statistics, not the cache's: a run embeds other data the way it trained.
-            raw = obj.frames(row["clip_id"], raw=True) if source == "cache" else extract_clip(row["path"], params)[0]
-            frames = normalize_frames(raw, params, stats)
-        except Tile2AudioError as exc:
-            log.warning("skipping %s: %s", row["clip_id"], exc)
-            continue
-        e, ts = embed_frames(encoder, frames, geometry, batch_size)
-        if target is not None:
-            atomic.save_npz(target, embeddings=e.astype(np.float32), timestamps=ts)
-        else:
-            tile_arrays[row["clip_id"]] = (e, ts)
-        keep.append(i)

@@ -110,7 +110,7 @@ def log_mel(y: np.ndarray, params: FeatureParams) -> np.ndarray:
         spec = librosa.stft(np.asarray(y, dtype=np.float32), n_fft=params.n_fft, hop_length=params.hop_length,
                             win_length=params.win_length, window="hann", center=True, pad_mode="constant")
     power = spec.real**2 + spec.imag**2
-    basis = _mel_basis(params.sample_rate, params.n_fft, params.n_mels, params.fmin, params.fmax)
+    basis = mel_basis(params)
     with _blas().limit(limits=1, user_api="blas"):
         mel = basis @ power
     if params.log == "db":
@@ -118,6 +118,50 @@ def log_mel(y: np.ndarray, params: FeatureParams) -> np.ndarray:
     else:
         out = np.log(mel + params.log_eps)
     return np.ascontiguousarray(out.T, dtype=np.float32)
+
+
+def mel_basis(params: FeatureParams) -> np.ndarray:
+    """The mel filter bank of :func:`log_mel`: the front end's one definition of it.
+
+    :func:`log_mel` projects the power spectrogram on it, and the exported model
+    (:mod:`tile2audio.export`) stores it as a constant of its graph.
+
+    Parameters
+    ----------
+    params : FeatureParams
+        ``sample_rate``, ``n_fft``, ``n_mels``, ``fmin`` and ``fmax`` are used.
+
+    Returns
+    -------
+    np.ndarray
+        float32, shape (n_mels, 1 + n_fft // 2): ``librosa.filters.mel`` (Slaney). Cached:
+        do not modify it in place.
+
+    Raises
+    ------
+    Tile2AudioError
+        When a band of the filter bank is empty (``n_fft`` too small for ``n_mels``).
+    """
+    return _mel_basis(params.sample_rate, params.n_fft, params.n_mels, params.fmin, params.fmax)
+
+
+def stft_window(params: FeatureParams) -> np.ndarray:
+    """The analysis window :func:`log_mel`'s ``librosa.stft(window="hann")`` applies to each frame.
+
+    Parameters
+    ----------
+    params : FeatureParams
+        ``n_fft`` and ``win_length`` are used.
+
+    Returns
+    -------
+    np.ndarray
+        float32, shape (n_fft,): a periodic Hann window of ``win_length`` samples (default
+        ``n_fft``), zero-padded on both sides to ``n_fft`` (``librosa.util.pad_center``),
+        as librosa builds it.
+    """
+    win = librosa.filters.get_window("hann", params.win_length or params.n_fft, fftbins=True)
+    return librosa.util.pad_center(win, size=params.n_fft).astype(np.float32)
 
 
 @functools.lru_cache(maxsize=8)
@@ -143,7 +187,7 @@ def check_params(params: FeatureParams) -> None:
     The other checks (frequency range, window, top_db) run when FeatureParams is made;
     this one needs librosa, so the feature stages call it once before the first clip.
     """
-    _mel_basis(params.sample_rate, params.n_fft, params.n_mels, params.fmin, params.fmax)
+    mel_basis(params)
 
 
 @functools.lru_cache(maxsize=1)
