@@ -42,7 +42,7 @@ import pandas as pd
 
 from . import atomic
 from .audio import load_audio
-from .clusters import centroid_distances, cluster_features
+from .clusters import centroid_distances
 from .config import ClusterConfig, ProbeConfig, ReportConfig
 from .embed import safe_file_name
 from .errors import Tile2AudioError
@@ -88,8 +88,10 @@ def _labels(entry) -> np.ndarray:
 
 
 def _clusters(entry, ks, config: ClusterConfig, standardized: bool):
-    """k -> (clusters (n,), distances (n,)) at clip level."""
-    X = entry.pooled(config.pooling) if config.level == "tile" else cluster_features(entry, config)[0]
+    """k -> (clusters (n,), distances (n,)) at clip level; nothing for non-finite embeddings."""
+    X = entry.pooled(config.pooling)
+    if not np.isfinite(X).all():
+        return {}
     return {k: centroid_distances(X, k, config.seed, standardized) for k in ks if 2 <= k < len(X)}
 
 

@@ -10,7 +10,10 @@
   ``clip_id, label, group, split, fold``, the k-means cluster at each listened k
   (``cluster_k<k>``, the entry's own k-means) and ``probe_correct`` (the logistic
   probe got the clip right: ``yes`` / ``no``, empty when it was not a test clip);
-- ``projector_config.pbtxt`` tying each tensor to its metadata.
+- ``sprite.png``: a small log-mel image of every clip, read from the run's feature cache
+  (when the entry comes from a run whose cache is still there), so a point shows its
+  spectrogram;
+- ``projector_config.pbtxt`` tying each tensor to its metadata (and sprite).
 
 ``tensorboard --logdir report/projector`` then shows both point clouds under the
 Projector tab; colour by ``label`` or a ``cluster_k`` column, search a clip id. The
@@ -32,6 +35,8 @@ from .errors import Tile2AudioError
 log = logging.getLogger(__name__)
 
 TENSOR_NAMES = ("trained", "random")
+#: Sprite thumbnail side (pixels) and TensorBoard's largest sprite image.
+THUMB, SPRITE_MAX = 32, 8192
 
 
 def _cell(value) -> str:
@@ -60,6 +65,63 @@ def metadata_tsv(points: dict) -> str:
     return "\n".join(["\t".join(header)] + ["\t".join(_cell(v) for v in r) for r in rows]) + "\n"
 
 
+def thumbnails(frames: list[np.ndarray], size: int = THUMB) -> np.ndarray:
+    """Small log-mel images, low frequencies at the bottom, each scaled to its own range.
+
+    Parameters
+    ----------
+    frames : list of (n_frames, n_mels) log-mel arrays
+    size : thumbnail side in pixels
+
+    Returns
+    -------
+    np.ndarray of float, shape (n, size, size), values in [0, 1]
+    """
+    out = np.zeros((len(frames), size, size))
+    for i, f in enumerate(frames):
+        f = np.asarray(f, dtype=np.float64)
+        if f.ndim != 2 or not f.size or not np.isfinite(f).all():
+            continue
+        t = np.linspace(0, len(f) - 1, size).round().astype(int)
+        m = np.linspace(0, f.shape[1] - 1, size).round().astype(int)
+        img = f[t][:, m].T[::-1]
+        out[i] = (img - img.min()) / max(float(np.ptp(img)), 1e-9)
+    return out
+
+
+def write_sprite(entry, path: Path) -> list[int] | None:
+    """The sprite of an entry's clips from its run's feature cache; its thumbnail size, or None.
+
+    Cheap: the cache's log-mel frames (memory-mapped), one small image per clip, in clip
+    order, row by row. None (no sprite) when the entry has no run with a readable cache.
+    """
+    from .features import open_cache
+    from .plots import pyplot
+    from .runs import read_run
+
+    run_dir = entry.meta.get("run_dir")
+    try:
+        cache = open_cache(read_run(run_dir)["cache"]) if run_dir else None
+        frames = [cache.frames(c, raw=True) for c in entry.clips["clip_id"]] if cache is not None else None
+    except (Tile2AudioError, KeyError, OSError) as exc:
+        log.info("projector sprite skipped: %s", exc)
+        return None
+    if not frames:
+        return None
+    per_row = int(np.ceil(np.sqrt(len(frames))))
+    size = min(THUMB, SPRITE_MAX // per_row)
+    if size < 8:
+        return None
+    thumbs = thumbnails(frames, size)
+    sheet = np.zeros((per_row * size, per_row * size))
+    for i, t in enumerate(thumbs):
+        r, c = divmod(i, per_row)
+        sheet[r * size:(r + 1) * size, c * size:(c + 1) * size] = t
+    with atomic.atomic_path(path) as tmp:
+        pyplot().imsave(tmp, sheet, cmap="magma", format="png")
+    return [size, size]
+
+
 def write_projector(report: dict, entries: Sequence, out_dir: str | Path, pooling: str = "meanstd") -> Path:
     """Write the projector log of a report's best entry and its random-weight twin.
 
@@ -83,6 +145,7 @@ def write_projector(report: dict, entries: Sequence, out_dir: str | Path, poolin
     for old in list(out_dir.glob("embedding.ckpt*")) + [out_dir / "checkpoint"]:
         old.unlink(missing_ok=True)  # a rerun must not leave an older checkpoint for TensorBoard to pick
     tensors, config = {}, projector.ProjectorConfig()
+    sprite = write_sprite(entries[0], out_dir / "sprite.png") if entries else None
     for name, entry, points in zip(TENSOR_NAMES, entries, (listen.get("points"), listen.get("twin_points"))):
         if entry is None or points is None:
             continue
@@ -92,6 +155,9 @@ def write_projector(report: dict, entries: Sequence, out_dir: str | Path, poolin
         emb = config.embeddings.add()
         emb.tensor_name = f"{name}/.ATTRIBUTES/VARIABLE_VALUE"
         emb.metadata_path = f"metadata_{name}.tsv"
+        if sprite and entry.clips["clip_id"].tolist() == entries[0].clips["clip_id"].tolist():
+            emb.sprite.image_path = "sprite.png"
+            emb.sprite.single_image_dim.extend(sprite)
     if not tensors:
         raise Tile2AudioError("no embeddings to write to the projector log")
     try:

@@ -1,7 +1,11 @@
 """Benchmark report: probe tables, k-means analysis and figures, as JSON then Markdown.
 
 ``report.json`` is the machine-readable source; ``report.md`` is rendered from it by
-:func:`render_markdown` (so a report can be re-rendered from its JSON alone). Figures
+:func:`render_markdown` and ``report.html`` by :func:`tile2audio.page.render_page`, both
+printing the sections of :mod:`tile2audio.tables` (so a report can be re-rendered from
+its JSON alone). Its ``listen`` part (:mod:`tile2audio.listen`: clusters and confusions
+to listen to, audio excerpts in ``audio/``) also feeds the TensorBoard projector log
+(:mod:`tile2audio.projector`, ``projector/``). Figures
 are PNGs beside them, drawn with matplotlib's Agg backend:
 
 ``confusion.png``
