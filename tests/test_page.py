@@ -218,3 +218,16 @@ def test_labels_and_clip_ids_are_escaped(tmp_path):
 ])
 def test_excerpt_window(duration, ts, expected):
     assert excerpt_window(duration, np.asarray(ts, dtype=float), 10.0) == pytest.approx(expected)
+
+
+def test_sprite_thumbnails_put_low_frequencies_at_the_bottom():
+    from tile2audio.projector import thumbnails
+
+    low = np.zeros((300, 64))
+    low[:, :8] = 5.0  # energy in the lowest mel bands only
+    short = np.tile(np.linspace(0, 1, 64), (5, 1))  # shorter than a thumbnail: repeated frames
+    t = thumbnails([low, short, np.full((3, 64), np.nan)], size=16)
+    assert t.shape == (3, 16, 16) and t.min() >= 0 and t.max() <= 1
+    assert t[0, -2:].mean() == 1.0 and t[0, :8].mean() == 0.0
+    assert t[1, -1].mean() < t[1, 0].mean()  # rising with frequency: bright at the top
+    assert not t[2].any()  # non-finite frames give a blank thumbnail

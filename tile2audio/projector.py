@@ -65,6 +65,17 @@ def metadata_tsv(points: dict) -> str:
     return "\n".join(["\t".join(header)] + ["\t".join(_cell(v) for v in r) for r in rows]) + "\n"
 
 
+def _shrink(a: np.ndarray, size: int, axis: int) -> np.ndarray:
+    """``a`` resized to ``size`` along ``axis``: block means when longer (no aliasing), repeats when shorter."""
+    n = a.shape[axis]
+    if n <= size:
+        return np.take(a, np.linspace(0, n - 1, size).round().astype(int), axis=axis)
+    edges = np.linspace(0, n, size + 1).astype(int)
+    shape = [1, 1]
+    shape[axis] = size
+    return np.add.reduceat(a, edges[:-1], axis=axis) / np.diff(edges).reshape(shape)
+
+
 def thumbnails(frames: list[np.ndarray], size: int = THUMB) -> np.ndarray:
     """Small log-mel images, low frequencies at the bottom, each scaled to its own range.
 
@@ -82,9 +93,7 @@ def thumbnails(frames: list[np.ndarray], size: int = THUMB) -> np.ndarray:
         f = np.asarray(f, dtype=np.float64)
         if f.ndim != 2 or not f.size or not np.isfinite(f).all():
             continue
-        t = np.linspace(0, len(f) - 1, size).round().astype(int)
-        m = np.linspace(0, f.shape[1] - 1, size).round().astype(int)
-        img = f[t][:, m].T[::-1]
+        img = _shrink(_shrink(f, size, 0), size, 1).T[::-1]
         out[i] = (img - img.min()) / max(float(np.ptp(img)), 1e-9)
     return out
 
