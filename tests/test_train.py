@@ -121,6 +121,11 @@ def test_probe_callback_logs_accuracy_and_collapse_warns(tiny_cache, tmp_path, c
     log = pd.read_csv(run / "log.csv")
     assert log["probe_accuracy"].between(0, 1).all() and len(log) == 2
     assert any("collapsing" in r.getMessage() for r in caplog.records)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run / "tensorboard" / "train"))
+    events.Reload()  # the epoch probe accuracy is a TensorBoard scalar too
+    assert "epoch_probe_accuracy" in events.Tags()["tensors"] + events.Tags()["scalars"]
 
 
 def test_keras_compatibility_block():

@@ -315,6 +315,31 @@ def _label_part(X, labels, n_classes, chosen, assigns, config) -> dict:
     return out
 
 
+def centroid_distances(X: np.ndarray, k: int, seed: int = 0, standardize: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """The k-means of :func:`cluster_sweep` at one k: each point's cluster and its distance to that centroid.
+
+    Parameters
+    ----------
+    X : np.ndarray, shape (n, D)
+    k : number of clusters
+    seed : the sweep's seed (``ClusterConfig.seed``), so the clusters are the sweep's
+    standardize : z-score every dimension first, as the sweep does
+
+    Returns
+    -------
+    clusters : np.ndarray of int, shape (n,)
+    distances : np.ndarray of float, shape (n,)
+        Euclidean, in the (standardised) space k-means ran in.
+    """
+    X = np.asarray(X, dtype=np.float64)
+    if standardize:
+        X = StandardScaler().fit_transform(X)
+    with threadpool_limits(1 if X.size < SMALL_PROBLEM else None):
+        km = _kmeans(X, k, seed)
+    assign = km.labels_.astype(np.int64)
+    return assign, np.linalg.norm(X - km.cluster_centers_[assign], axis=1)
+
+
 def cluster_features(emb, config: ClusterConfig) -> tuple[np.ndarray, np.ndarray]:
     """Clip-level (pooled) or tile-level matrix (n, D) of an embedding set, and labels (n,)."""
     labels = emb.clips["label"].fillna("").astype(str).to_numpy()

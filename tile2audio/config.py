@@ -560,6 +560,26 @@ class ClusterConfig:
 
 
 @dataclass(frozen=True)
+class ReportConfig:
+    """What a report writes beside report.md (see :mod:`tile2audio.page`, :mod:`tile2audio.projector`).
+
+    ``html`` writes ``report.html`` and its audio excerpts (``audio/``); ``projector``
+    writes the TensorBoard Embedding Projector log (``projector/``). ``listen_clips``
+    is the number of clips played per cluster, ``excerpt_seconds`` the longest excerpt
+    (longer clips give a window around their most central tile).
+    """
+
+    html: bool = True
+    projector: bool = True
+    listen_clips: int = 5
+    excerpt_seconds: float = 10.0
+
+    def __post_init__(self) -> None:
+        _check_positive("report.listen_clips", self.listen_clips)
+        _check_positive("report.excerpt_seconds", self.excerpt_seconds)
+
+
+@dataclass(frozen=True)
 class ExperimentConfig:
     """Everything ``tile2audio run`` needs, one section per stage."""
 
@@ -574,6 +594,7 @@ class ExperimentConfig:
     embed: EmbedConfig = field(default_factory=EmbedConfig)
     probe: ProbeConfig = field(default_factory=ProbeConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
 
     @property
     def training(self) -> TrainingConfig:

@@ -13,7 +13,9 @@ Layout of an experiment's output folder::
         embeddings/trained/  embeddings/random/
       probe/probe.json
       cluster/cluster.json, kmeans_curves.png
-      report/report.md, report.json, *.png
+      report/report.md, report.json, *.png, report.html, audio/*.ogg, projector/ (report.html
+                           and its excerpts unless report.html = false; the TensorBoard
+                           projector log unless report.projector = false)
 
 A stage is skipped when its output exists and its fingerprint (a hash of the config
 sections it depends on, chained with its inputs' fingerprints) is unchanged, so a rerun
@@ -145,7 +147,7 @@ def stage_fingerprints(cfg: ExperimentConfig) -> dict[str, str]:
     kinds = resolve_baselines(cfg.probe.baselines)
     fps["probe"] = _fingerprint(fps["embed"], {**c["probe"], "baselines": kinds})
     fps["cluster"] = _fingerprint(fps["embed"], c["cluster"], kinds)
-    fps["report"] = _fingerprint(fps["probe"], fps["cluster"])
+    fps["report"] = _fingerprint(fps["probe"], fps["cluster"], c["report"])
     return fps
 
 
@@ -376,7 +378,7 @@ def _run_report(ctx: StageContext) -> None:
              "config": to_dict(cfg), "stage_seconds": ctx.timings}
     baselines = ctx.baselines()  # cached: no recomputation
     make_report(ctx.entries + baselines, layout.report, cfg.probe, cfg.cluster, title=f"tile2audio: {cfg.name}",
-                probe_result=probe_result, cluster_result=cluster_result, extra=extra)
+                probe_result=probe_result, cluster_result=cluster_result, extra=extra, report_config=cfg.report)
 
 
 #: Stage name -> the function that runs it, in :data:`STAGES` order.
@@ -502,7 +504,7 @@ def report_runs(run_dirs: Sequence[str | os.PathLike], out: str | os.PathLike,
              "train_seconds": {n: read_run(r).get("train_seconds") for r, n in zip(runs, names)}}
     # make_report probes (or notes why it cannot: no labels, a single class).
     return make_report(entries, out, cfg.probe, cfg.cluster, cluster_result=cluster_result, extra=extra,
-                       progress=progress)
+                       progress=progress, report_config=cfg.report)
 
 
 def demo(out: str | os.PathLike = "tile2audio-demo", overrides: Sequence[str] = (),

@@ -17,7 +17,7 @@ from . import atomic
 from .errors import Tile2AudioError
 from .probes import SMALL_PROBLEM
 
-__all__ = ["pyplot", "save_png", "plot_confusion", "plot_embedding_map", "plot_curves"]
+__all__ = ["pyplot", "save_png", "plot_confusion", "project_2d", "plot_embedding_map", "plot_curves"]
 
 
 def pyplot():
@@ -74,8 +74,19 @@ def plot_confusion(confusion: list, labels: list[str], path: str | Path, title: 
     return path
 
 
-def _project_2d(X: np.ndarray, seed: int) -> tuple[np.ndarray, str]:
-    """2-D coordinates of standardised rows: UMAP when installed, else t-SNE."""
+def project_2d(X: np.ndarray, seed: int) -> tuple[np.ndarray, str]:
+    """2-D coordinates of standardised rows: UMAP when installed, else t-SNE.
+
+    Parameters
+    ----------
+    X : np.ndarray, shape (n, D), finite
+    seed : projection seed
+
+    Returns
+    -------
+    (np.ndarray of shape (n, 2), str)
+        The coordinates and the method (``UMAP`` or ``t-SNE``).
+    """
     from sklearn.preprocessing import StandardScaler
     from threadpoolctl import threadpool_limits
 
@@ -103,7 +114,7 @@ def _project(X: np.ndarray, seed: int) -> tuple[np.ndarray, str]:
 
 
 def plot_embedding_map(X: np.ndarray, labels: np.ndarray, path: str | Path, name: str,
-                       pooling: str = "mean", seed: int = 0) -> tuple[Path, str]:
+                       pooling: str = "mean", seed: int = 0, projection=None) -> tuple[Path, str]:
     """2-D map of clip embeddings coloured by label.
 
     Parameters
@@ -113,6 +124,8 @@ def plot_embedding_map(X: np.ndarray, labels: np.ndarray, path: str | Path, name
     path : output .png
     name, pooling : for the title
     seed : projection seed
+    projection : (np.ndarray (n_finite, 2), str), optional
+        A :func:`project_2d` result of the finite rows of ``X``, to draw instead of projecting again.
 
     Returns
     -------
@@ -127,7 +140,7 @@ def plot_embedding_map(X: np.ndarray, labels: np.ndarray, path: str | Path, name
         raise Tile2AudioError(f"an embedding map needs at least 5 clips, got {len(X)}")
     if not np.ptp(X, axis=0).any():  # t-SNE of identical rows divides by zero (and has crashed)
         raise Tile2AudioError(f"all {len(X)} clips have the same embedding (a collapsed encoder?): nothing to map")
-    xy, method = _project_2d(X, seed)
+        xy, method = project_2d(X, seed) if projection is None else projection
     names = sorted(set(labels) - {""})
     cmap = plt.get_cmap("tab10" if len(names) <= 10 else "tab20")
     fig, ax = plt.subplots(figsize=(8, 6.5))

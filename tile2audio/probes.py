@@ -526,8 +526,8 @@ def _probe_names(config: ProbeConfig) -> list[str]:
     return ["logreg", "knn_cosine", "knn_euclidean"] + (["svm"] if config.svm else [])
 
 
-def _evaluate(entry, probe, data, splits, labels, config) -> dict:
-    """One row of the result table: one entry, one probe, over every split."""
+def _evaluate(entry, probe, data, splits, labels, config, predicted=None) -> dict:
+    """One row of the result table: one entry, one probe, over every split; fills ``predicted`` (row -> label)."""
     y = data.y
     folds, chosen = [], []
     for s in splits:
@@ -535,6 +535,8 @@ def _evaluate(entry, probe, data, splits, labels, config) -> dict:
         chosen.append(c)
         clips, pred = _fit_predict(probe, c if c is not None else 1.0, data, s.fit, s.test, config)
         folds.append(_fold_metrics(y[clips], pred, len(labels)))
+        if predicted is not None:
+            predicted.update((int(j), labels[p]) for j, p in zip(clips, pred))
     row = {
         "name": entry.name,
         "kind": entry.kind,
@@ -573,7 +575,9 @@ def run_probes(entries: Sequence, config: ProbeConfig = ProbeConfig(), progress:
         (entry, probe) with ``name, kind, label_free, probe, pooling, level, dim,
         n_folds, chosen_c (list per fold, or None for k-NN), accuracy, accuracy_std,
         macro_f1, macro_f1_std, fold_accuracy, fold_macro_f1, per_class_f1 (dict),
-        confusion (list of lists)``.
+        confusion (list of lists)``; and ``predictions``: entry name -> {clip_id: the
+        logistic probe's predicted label} for every test clip (each clip is a test clip
+        once across folds), what the report's confusion listening and projector read.
     """
     if not entries:
         raise Tile2AudioError("run_probes needs at least one embedding set")
@@ -604,13 +608,14 @@ def run_probes(entries: Sequence, config: ProbeConfig = ProbeConfig(), progress:
             check_sides(ref, s, why)
 
     probes = _probe_names(config)
-    rows = []
+    rows, predictions = [], {}
     with tqdm(total=len(entries) * len(probes), desc="probes", disable=not show_progress(progress)) as bar:
         for e, data in zip(entries, datasets):
             with threadpool_limits(1 if data.X.size < SMALL_PROBLEM else None):
                 for probe in probes:
                     bar.set_postfix_str(f"{e.name}:{probe}")
-                    rows.append(_evaluate(e, probe, data, splits, labels, config))
+                    predicted = predictions.setdefault(e.name, {}) if probe == "logreg" else None
+                    rows.append(_evaluate(e, probe, data, splits, labels, config, predicted))
                     bar.update()
     return {
         "protocol": resolve_protocol(ref, config.protocol),
@@ -624,6 +629,7 @@ def run_probes(entries: Sequence, config: ProbeConfig = ProbeConfig(), progress:
                    "c_grid": list(config.c_grid), "knn_k": config.knn_k, "seed": config.seed},
         "notes": notes,
         "rows": rows,
+        "predictions": {name: {str(ref_ids[j]): lab for j, lab in sorted(p.items())} for name, p in predictions.items()},
     }
 
 

@@ -1,7 +1,11 @@
 """Benchmark report: probe tables, k-means analysis and figures, as JSON then Markdown.
 
 ``report.json`` is the machine-readable source; ``report.md`` is rendered from it by
-:func:`render_markdown` (so a report can be re-rendered from its JSON alone). Figures
+:func:`render_markdown` and ``report.html`` by :func:`tile2audio.page.render_page`, both
+printing the sections of :mod:`tile2audio.tables` (so a report can be re-rendered from
+its JSON alone). Its ``listen`` part (:mod:`tile2audio.listen`: clusters and confusions
+to listen to, audio excerpts in ``audio/``) also feeds the TensorBoard projector log
+(:mod:`tile2audio.projector`, ``projector/``). Figures
 are PNGs beside them, drawn with matplotlib's Agg backend:
 
 ``confusion.png``
@@ -33,15 +37,17 @@ import numpy as np
 
 from . import atomic
 from .clusters import cluster_entries
-from .config import ClusterConfig, ProbeConfig, to_dict
+from .config import ClusterConfig, ProbeConfig, ReportConfig, to_dict
 from .errors import Tile2AudioError
+from .listen import listening_data, map_projection
+from .page import write_page
 from .plots import plot_confusion, plot_curves, plot_embedding_map
 from .probes import run_probes
+from .projector import write_projector
+from .tables import PROBE_TITLES, sections  # noqa: F401  (PROBE_TITLES: kept importable here)
 
 log = logging.getLogger(__name__)
 
-PROBE_TITLES = {"logreg": "logistic regression", "knn_cosine": "k-NN (cosine)",
-                "knn_euclidean": "k-NN (Euclidean)", "svm": "linear SVM"}
 
 
 # --------------------------------------------------------------------------- choice
@@ -131,7 +137,7 @@ def _twin_map(best, entries, probe_config, out_dir: Path) -> list[dict]:
                         "what training changed."}]
 
 
-def _figures(probe_result, cluster, best, probe_config, out_dir, entries=()) -> list[dict]:
+def _figures(probe_result, cluster, best, probe_config, out_dir, entries=(), projection=None) -> list[dict]:
     """Draw the confusion matrix, the embedding maps (trained and random twin) and the k-means curves."""
     figures = []
     row = next((r for r in probe_result["rows"] if r["name"] == best.name and r["probe"] == "logreg"), None)
@@ -144,7 +150,7 @@ def _figures(probe_result, cluster, best, probe_config, out_dir, entries=()) -> 
     try:
         _, method = plot_embedding_map(best.pooled(probe_config.pooling), best.clips["label"].to_numpy(),
                                        out_dir / "embedding_map.png", best.name, probe_config.pooling,
-                                       probe_config.seed)
+                                       probe_config.seed, projection)
         figures.append({"file": "embedding_map.png", "kind": "map", "method": method,
                         "caption": f"{method} map of {best.name} clip embeddings, coloured by label."})
     except Tile2AudioError as exc:
@@ -182,8 +188,9 @@ def make_report(
     cluster_result: dict | None = None,
     extra: dict | None = None,
     progress: bool = True,
+    report_config: ReportConfig = ReportConfig(),
 ) -> Path:
-    """Probe every entry, cluster them, draw the figures, write report.json and report.md.
+    """Probe every entry, cluster them, draw the figures, write report.json, report.md and report.html.
 
     Parameters
     ----------
@@ -199,6 +206,8 @@ def make_report(
         ``{"figure_entry": name, "entries": [result, ...]}``; None clusters every entry
     extra : dict, e.g. training time or the resolved config; copied into the report
     progress : show progress bars
+    report_config : ReportConfig: report.html with its audio excerpts (:mod:`tile2audio.page`,
+        :mod:`tile2audio.listen`) and the projector log (:mod:`tile2audio.projector`), each on by default
 
     Returns
     -------
@@ -216,7 +225,9 @@ def make_report(
         cluster = _cluster_all(entries, cluster_config, best, out_dir)
     else:
         cluster = _wrap_cluster(cluster_result, best.name)
-    figures = _figures(probe_result, cluster, best, probe_config, out_dir, entries)
+    listen = _listen(best, _random_twin(best, entries), probe_result, cluster, out_dir,
+                     (probe_config, cluster_config, report_config))
+    figures = _figures(probe_result, cluster, best, probe_config, out_dir, entries, map_projection(listen))
     report = _clean({
         "title": title,
         "protocol": probe_result["protocol"],
@@ -233,13 +244,27 @@ def make_report(
         "rows": probe_result["rows"],
         "cluster": cluster,
         "figures": figures,
-        "config": {"probe": to_dict(probe_config), "cluster": to_dict(cluster_config)},
+        "config": {"probe": to_dict(probe_config), "cluster": to_dict(cluster_config), "report": to_dict(report_config)},
         "extra": extra or {},
+        "listen": listen,
     })
     atomic.write_json(out_dir / "report.json", report)
     md = out_dir / "report.md"
     atomic.write_text(md, render_markdown(report))
+    if report_config.html:
+        write_page(report, out_dir)
+    if report_config.projector and listen:
+        write_projector(report, [best, _random_twin(best, entries)], out_dir / "projector", probe_config.pooling)
     return md
+
+
+def _listen(best, twin, probe_result, cluster, out_dir, configs) -> dict | None:
+    """The listen part of the report data, or None (with a warning) when it cannot be made."""
+    try:
+        return listening_data(best, twin, probe_result, cluster, out_dir, *configs)
+    except Tile2AudioError as exc:
+        log.warning("listening section and projector skipped: %s", exc)
+        return None
 
 
 # --------------------------------------------------------------------------- markdown
@@ -274,97 +299,26 @@ def _intraword(m: re.Match) -> bool:
     return m[1] == "_" and 0 < i < len(s) - 1 and s[i - 1].isalnum() and s[i + 1].isalnum()
 
 
-def _pm(mean, std) -> str:
-    """``0.812 ± 0.021`` (or an em dash when missing)."""
-    if mean is None:
-        return "—"
-    return f"{mean:.3f} ± {std:.3f}" if std is not None else f"{mean:.3f}"
-
-
-def _num(v, fmt: str = "{:.3f}") -> str:
-    """A number formatted, or an em dash."""
-    return "—" if v is None else fmt.format(v)
-
-
-def _name(row: dict) -> str:
-    """Entry name with a dagger for label-using entries."""
-    name = escape_markdown(row["name"])
-    return f"{name} †" if not row.get("label_free", True) or row.get("kind") == "supervised" else name
+def _md_section(sec: dict) -> list[str]:
+    """One :mod:`tile2audio.tables` section as Markdown lines."""
+    lines = [f"## {sec['title']}", ""] + ([sec["intro"], ""] if sec["intro"] else [])
+    if sec["header"]:
+        bold = {tuple(b) for b in sec["bold"]}
+        # Cells hold labels and names: escaped here, so a newline or a | cannot break the table.
+        rows = [[f"**{escape_markdown(c)}**" if (i, j) in bold else escape_markdown(c) for j, c in enumerate(r)]
+                for i, r in enumerate(sec["rows"])]
+        lines += _table([escape_markdown(h) for h in sec["header"]], rows)
+        for note in sec["notes"]:
+            lines += [""] + [escape_markdown(n) if not n.startswith("- ") else "- " + escape_markdown(n[2:])
+                             for n in note]
+        lines += [""]
+    return lines
 
 
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     """Markdown table lines."""
     out = ["| " + " | ".join(header) + " |", "|" + "|".join(" --- " for _ in header) + "|"]
     return out + ["| " + " | ".join(re.sub(r"(?<!\\)\|", r"\\|", str(c)) for c in r) + " |" for r in rows]
-
-
-def _probe_section(report: dict) -> list[str]:
-    """The probe table (trained runs and baselines side by side) and its notes."""
-    rows = report["rows"]
-    if not rows:
-        return ["## Probes", "", report.get("probe_note") or "No probe results.", ""]
-    order = {p: i for i, p in enumerate(PROBE_TITLES)}
-    best = {}
-    for r in rows:
-        if r.get("label_free", True) and r.get("macro_f1") is not None:
-            best[r["probe"]] = max(best.get(r["probe"], -1.0), r["macro_f1"])
-    lines = ["## Probes", "",
-             f"Protocol **{report['protocol']}**, {report['n_folds']} fold(s), {report.get('n_clips')} labelled "
-             f"clips, {len(report['labels'])} classes. Mean ± std over folds. Bold: best label-free macro-F1 "
-             "per probe.", ""]
-    table = []
-    for r in sorted(rows, key=lambda r: (order.get(r["probe"], 99), rows.index(r))):
-        f1 = _pm(r["macro_f1"], r.get("macro_f1_std"))
-        if r.get("label_free", True) and r["macro_f1"] == best.get(r["probe"]):
-            f1 = f"**{f1}**"
-        table.append([_name(r), r["kind"], PROBE_TITLES.get(r["probe"], r["probe"]), r.get("pooling", ""),
-                      _pm(r["accuracy"], r.get("accuracy_std")), f1])
-    lines += _table(["name", "kind", "probe", "pooling", "accuracy", "macro-F1"], table)
-    if any(_name(r).endswith("†") for r in rows):
-        lines += ["", "† trained with labels (supervised triplets): not label-free, shown as a reference."]
-    if report.get("dropped_clips"):
-        lines += ["", f"{len(report['dropped_clips'])} clip(s) with non-finite features were left out of "
-                      "every entry's evaluation."]
-    if report.get("probe_notes"):
-        lines += [""] + [f"- {escape_markdown(n)}" for n in report["probe_notes"]]
-    return lines + [""]
-
-
-def _per_class_section(report: dict) -> list[str]:
-    """Per-class F1 of the logistic-regression probe, one column per entry."""
-    rows = [r for r in report["rows"] if r["probe"] == "logreg"]
-    if not rows:
-        return []
-    lines = ["## Per-class F1 (logistic regression)", ""]
-    table = [[escape_markdown(lab)] + [_num(r["per_class_f1"].get(lab)) for r in rows] for lab in report["labels"]]
-    return lines + _table(["class"] + [_name(r) for r in rows], table) + [""]
-
-
-def _cluster_section(report: dict) -> list[str]:
-    """Chosen k per criterion and label agreement at k = number of classes."""
-    entries = (report.get("cluster") or {}).get("entries") or []
-    if not entries:
-        return []
-    n_classes = next((r.get("n_classes") for r in entries if r.get("n_classes")), None)
-    lines = ["## k-means cluster count", "",
-             f"k picked by each criterion, and agreement with the labels at k = number of classes "
-             f"({n_classes or 'no labels'}); matched acc. is the accuracy after the best one-to-one "
-             "(Hungarian) matching of clusters to classes.", ""]
-    free = {e["name"]: e["label_free"] for e in report.get("entries", [])}
-    table = []
-    for r in entries:
-        c, at = r["chosen"], r.get("at_n_classes") or {}
-        row = {"name": r.get("name", ""), "kind": r.get("kind", ""), "label_free": free.get(r.get("name"), True)}
-        table.append([_name(row), row["kind"], r.get("level", ""), r.get("n", ""),
-                      *[_num(c.get(k), "{}") for k in ("elbow", "silhouette", "calinski_harabasz",
-                                                       "davies_bouldin", "gap")],
-                      *[_num(at.get(k)) for k in ("nmi", "ari", "purity", "accuracy")]])
-    lines += _table(["name", "kind", "level", "points", "elbow", "silhouette", "Calinski-Harabasz",
-                     "Davies-Bouldin", "gap", "NMI", "ARI", "purity", "matched acc."], table)
-    notes = sorted({f"{r.get('name', '')}: {n}" for r in entries for n in r.get("notes", [])})
-    if notes:
-        lines += [""] + [f"- {escape_markdown(n)}" for n in notes]
-    return lines + [""]
 
 
 def _extra_section(report: dict) -> list[str]:
@@ -411,9 +365,8 @@ def render_markdown(report: dict) -> str:
              "Entries: " + ", ".join(f"{escape_markdown(e['name'])} ({e['kind']}"
                                      f"{'' if e['label_free'] else ', uses labels'})"
                                      for e in report.get("entries", [])) + ".", ""]
-    lines += _probe_section(report)
-    lines += _per_class_section(report)
-    lines += _cluster_section(report)
+    for sec in sections(report):
+        lines += _md_section(sec)
     if report.get("figures"):
         lines += _figure_lines(report["figures"])
     lines += _extra_section(report)
