@@ -126,3 +126,70 @@ def gather_tiles(pool: dict, clips: tf.Tensor, starts: tf.Tensor, tile_frames: i
     first = tf.gather(pool["offsets"], clips) + starts
     rows = first[:, None] + tf.range(tile_frames, dtype=tf.int32)[None, :]
     return tf.cast(tf.gather(pool["frames"], rows), tf.float32)
+
+
+def mix_partners(u: tf.Tensor, anchor: tf.Tensor, pool: dict) -> tf.Tensor:
+    """Mixing-partner clips of a batch's anchors, positives and opposites, outside the anchor's group.
+
+    Parameters
+    ----------
+    u : tf.Tensor, float64 (>= 3, B)
+        Uniforms: rows 0, 1 and 2 pick the partners of anchor, positive and opposite.
+    anchor : tf.Tensor, int32 (B,)
+        Anchor clip positions.
+
+    Returns
+    -------
+    tf.Tensor, int32 (3B,)
+        Pool clip positions: never of the anchor's group (so a mix carries nothing of the
+        anchor's recording into its positive or its opposite), and the positive's partner
+        is never the anchor's, so a shared partner cannot tie the two views together.
+        When every clip is of the anchor's group, any other clip; with one or two clips
+        outside it, the positive's partner may be the anchor's.
+    """
+    n = tf.size(pool["offsets"])
+    start, count = tf.gather(pool["g_start"], anchor), tf.gather(pool["g_count"], anchor)
+    outside = n - count
+    ka, ko = randint(u[0], outside), randint(u[2], outside)
+    kp = randint(u[1], outside - 1)
+    kp = tf.where(outside > 1, tf.where(kp >= ka, kp + 1, kp), ka)
+    k = tf.concat([ka, kp, ko], 0)
+    start3, count3 = tf.tile(start, [3]), tf.tile(count, [3])
+    pos = tf.minimum(tf.where(k >= start3, k + count3, k), n - 1)
+    partner = tf.gather(pool["g_order"], pos)
+    fallback = other_clip(tf.concat([u[0], u[1], u[2]], 0), tf.tile(anchor, [3]), n)
+    return tf.where(tf.tile(outside, [3]) > 0, partner, fallback)
+
+
+def _rank_at(pool: dict, clips: tf.Tensor, pos: tf.Tensor) -> tf.Tensor:
+    """Allowed starts of each clip before ``pos`` (clipped to [0, clip length])."""
+    pos = tf.clip_by_value(pos, 0, tf.gather(pool["lengths"], clips))
+    # Each clip's table has one entry more than its frames: it starts at offset + clip position.
+    return tf.gather(pool["ok_rank"], tf.gather(pool["offsets"], clips) + clips + pos)
+
+
+def allowed_count(pool: dict, clips: tf.Tensor, lo: tf.Tensor, hi: tf.Tensor) -> tf.Tensor:
+    """Number of allowed (non-silent) tile starts in [lo, hi] of each clip; 0 when hi < lo."""
+    return tf.maximum(_rank_at(pool, clips, hi + 1) - _rank_at(pool, clips, lo), 0)
+
+
+def allowed_pick(pool: dict, clips: tf.Tensor, lo: tf.Tensor, k: tf.Tensor) -> tf.Tensor:
+    """The ``k``-th allowed start at or after ``lo`` of each clip (clamped to the clip's last one)."""
+    count = tf.gather(pool["ok_count"], clips)
+    rank = tf.clip_by_value(_rank_at(pool, clips, lo) + k, 0, tf.maximum(count - 1, 0))
+    return tf.gather(pool["ok_starts"], tf.gather(pool["ok_offset"], clips) + rank)
+
+
+def allowed_start(u: tf.Tensor, pool: dict, clips: tf.Tensor) -> tf.Tensor:
+    """A start uniform over each clip's allowed starts (every clip has at least one)."""
+    count = tf.gather(pool["ok_count"], clips)
+    return tf.gather(pool["ok_starts"], tf.gather(pool["ok_offset"], clips) + randint(u, count))
+
+
+def allowed_two_segments(u, pool: dict, clips, lo, end1, start2, hi):
+    """As :func:`two_segments`, over the allowed starts of ``clips`` only; returns (value, non-empty)."""
+    c1 = allowed_count(pool, clips, lo, end1)
+    c2 = allowed_count(pool, clips, start2, hi)
+    k = randint(u, c1 + c2)
+    first = tf.where(k < c1, lo, start2)
+    return allowed_pick(pool, clips, first, tf.where(k < c1, k, k - c1)), (c1 + c2) > 0

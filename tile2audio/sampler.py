@@ -60,6 +60,14 @@ the tile's mean value. ``top_db`` clipping is not re-applied after a gain or a m
 element-wise part runs as one XLA-compiled function (about 2x faster on CPU than separate
 ops).
 
+Views (``sampler.views: byola``) follow the augmentation, from a key folded from its
+seed (so neither the draws nor the augmentation change): :func:`tile2audio.augment.byola_views`
+on each of the three tiles. The partner of log-mixup-exp is a uniform tile of a clip of
+the pool (:func:`tile2audio.draws.mix_partners`): the pool in memory stands in for
+BYOL-A's FIFO memory of past tiles (same distribution, no state, exact resume). With
+``with_indices`` the batch also carries ``anchor_partner``, ``neighbour_partner`` and
+``opposite_partner`` (index rows of the partner clips) when mixing is on.
+
 Errors: the first pool is loaded when :meth:`TripletSampler.dataset` is called, so a
 broken cache raises :class:`~tile2audio.errors.Tile2AudioError` there; a later pool that
 fails to load surfaces as a ``tf.errors`` exception carrying the same message.
@@ -73,9 +81,9 @@ import numpy as np
 import pandas as pd
 import tensorflow as tf
 
-from .augment import augment_tiles, log_unit
+from .augment import augment_tiles, byola_views, log_unit
 from .config import SamplerConfig, TileConfig, TrainingConfig, frames_for
-from .draws import gather_tiles, supervised_draw, tile2vec_draw
+from .draws import gather_tiles, mix_partners, randint, supervised_draw, tile2vec_draw
 from .errors import Tile2AudioError
 from .pools import (GIB, FeatureSource, PoolArrays, PoolPlan, PoolRecord, band_normalisation, eligible_rows,
                     group_codes, label_codes, load_pool)
@@ -287,7 +295,8 @@ class TripletSampler:
         arrays, record = load_pool(
             self.cache, self._index, self.plan.pool_units(p), p,
             pad_frames=self.geometry.tile_frames * (2 if self.view else 1), groups=self._group_codes,
-            labels=self._label_codes, dtype=self.pool_dtype.as_numpy_dtype, augment=self.config.augment)
+            labels=self._label_codes, dtype=self.pool_dtype.as_numpy_dtype,
+            augment=bool(self.config.augment) or self.config.byola)
         self._warn_if_uniform(record, arrays.l_count if self.config.mode == "supervised" else arrays.g_count)
         self.loaded_pools.append(record)
         log.debug("sampler worker %d loaded pool %d: %d clips, %.1f MiB", self.worker_index, p,
@@ -322,7 +331,32 @@ class TripletSampler:
         tiles = tf.ensure_shape(tiles, [3 * self.batch_size, g.tile_frames, self.n_mels])
         if cfg.augment:
             tiles = augment_tiles(tiles, clips, pool, keys[1], cfg, self._band_affine, self._log_unit)
-        return self._assemble(tiles, clips, starts, pool, with_indices)
+        partners = None
+        if cfg.byola:
+            # A key of its own (folded from the augmentation's), so the draws above never change.
+            tiles, partners = self._views(tiles, clips, pool, tf.random.experimental.stateless_fold_in(keys[1], 1))
+        out = self._assemble(tiles, clips, starts, pool, with_indices)
+        if with_indices and partners is not None:
+            p_a, p_n, p_o = tf.split(tf.gather(pool["rows"], partners), 3)
+            out.update(anchor_partner=p_a, neighbour_partner=p_n, opposite_partner=p_o)
+        return out
+
+    def _views(self, tiles, clips, pool, key):
+        """BYOL-A views of the (3B, T, M) tiles; returns (tiles, partner clip positions (3B,) or None)."""
+        cfg, b, t = self.config, self.batch_size, self.geometry.tile_frames
+        keys = tf.random.experimental.stateless_split(key, 2)
+        partner = partners = None
+        if cfg.mixup_ratio > 0:
+            u = tf.random.stateless_uniform([6, b], seed=keys[0], dtype=tf.float64)
+            partners = mix_partners(u, clips[:b], pool)  # rows 0-2
+            p_starts = self._start_draw(tf.reshape(u[3:], [-1]), partners, pool)
+            partner = gather_tiles(pool, partners, p_starts, t)
+        views = byola_views(tiles, clips, partner, partners, pool, keys[1], cfg, self._band_affine, self._log_unit)
+        return tf.ensure_shape(views, [3 * b, t, self.n_mels]), partners
+
+    def _start_draw(self, u, clips, pool):
+        """Uniform tile starts (int32, like ``clips``) of pool clips ``clips``."""
+        return randint(u, tf.gather(pool["lengths"], clips) - self.geometry.tile_frames + 1)
 
     def _assemble(self, tiles, clips, starts, pool, with_indices: bool) -> dict:
         """Split the (3B, T, M) tiles into the batch dict."""
