@@ -561,3 +561,94 @@ def test_views_are_deterministic_and_resume_exactly():
         pool = set(sampler.loaded_pools[step // 2].shards)
         for key in ("anchor_partner", "neighbour_partner", "opposite_partner"):
             assert set(shard_of[b[key]]) <= pool
+
+
+# --------------------------------------------------------------------------- silence-aware tiles
+
+
+def _silent_cache(normalize: str = "standardize") -> FakeCache:
+    """Clips with silent parts: bands 2-5 are 20 dB where voiced and -40 dB elsewhere (raw, std 2).
+
+    Bands 0 and 1 hold -200 - clip and -200 - frame (far below the sound, so they add no
+    power): a tile is traced with :func:`_trace`.
+    """
+    lengths = [200, 150, 100, 60, 25, 160]
+    voiced = [(50, 150), (100, 150), (0, 0), (0, 10), (0, 25), (0, 160)]
+    cache = FakeCache(lengths, n_mels=6, normalize=normalize, groups=["", "", "", "", "", ""])
+    scale, offset = (2.0, 0.0) if normalize == "standardize" else (8.0, -4.0)
+    cache.index["min"], cache.index["max"] = -440.0, 40.0  # the minmax fake: raw = x * 480 - 440
+    if normalize == "minmax":
+        scale, offset = 480.0, -440.0
+    for i, (n, (lo, hi)) in enumerate(zip(lengths, voiced)):
+        raw = np.full((n, 6), -40.0)
+        raw[lo:hi, 2:] = 20.0
+        raw[:, 0], raw[:, 1] = -200.0 - i, -200.0 - np.arange(n)
+        cache._data[f"c{i}"] = ((raw - offset) / scale).astype(np.float32)
+    cache.voiced = voiced
+    cache.raw_affine = (scale, offset)
+    return cache
+
+
+def _trace(cache, tiles):
+    """(clip, frame numbers (n, T), voiced (n, T)) of normalised tiles (n, T, M, 1) of the silent cache."""
+    scale, offset = cache.raw_affine
+    raw = np.rint(tiles[..., 0] * scale + offset)
+    clip = (-200 - raw[:, :, 0]).astype(int)
+    frame = (-200 - raw[:, :, 1]).astype(int)
+    return clip[:, 0], frame, raw[:, :, 2] > 0
+
+
+def test_pools_mark_mostly_non_silent_starts_and_keep_all_of_a_silent_clip():
+    from tile2audio.pools import SilenceRule, band_normalisation, non_silent_starts
+
+    cache = _silent_cache()
+    frames, offsets, lengths = cache.frames_block(list(cache.index["clip_id"]))
+    ones = np.ones(len(lengths), np.float32)
+    rule = SilenceRule(40.0, 0.5, T, band_normalisation(cache), 10 / np.log(10))
+    rank, starts, first, count = non_silent_starts(frames, offsets, lengths, ones, 0 * ones, rule)
+    by_clip = [starts[f:f + c] for f, c in zip(first, count)]
+    np.testing.assert_array_equal(by_clip[0], np.arange(30, 131))  # >= 20 of 40 frames in 50..149
+    np.testing.assert_array_equal(by_clip[1], np.arange(80, 111))
+    for c in (2, 3):  # all silent, or too little sound for one tile: every start
+        np.testing.assert_array_equal(by_clip[c], np.arange(lengths[c] - T + 1))
+    np.testing.assert_array_equal(by_clip[5], np.arange(121))
+    for c, o in enumerate(offsets):  # the rank table counts allowed starts below each position
+        table = rank[o + c:o + c + lengths[c] + 1]
+        expected = [(by_clip[c] < p).sum() for p in range(lengths[c] + 1)]
+        np.testing.assert_array_equal(table, expected)
+    loose = non_silent_starts(frames, offsets, lengths, ones, 0 * ones, rule._replace(silence_db=70.0))
+    assert loose[3][0] == 161  # at 70 dB the -40 dB frames count as sound: every start of clip 0
+
+
+@pytest.mark.parametrize("normalize", ["standardize", "minmax"])
+@pytest.mark.parametrize("kw", [{}, {"positive": "view"}, {"mode": "tile2vec-distant", "distant_prob": 1.0},
+                                {"mode": "supervised"}],
+                         ids=["neighbour", "view", "distant", "supervised"])
+def test_skip_silence_draws_tiles_from_the_sound(normalize, kw):
+    cache = _silent_cache(normalize)
+    cache.index["label"] = ["x", "y", "x", "y", "x", "y"]
+    config = _sampler(skip_silence=True, **kw)
+    sampler = TripletSampler(cache, TILES, config, 64, seed=5)
+    batches = _batches(sampler, 3)
+    off = _batches(TripletSampler(cache, TILES, _sampler(**kw), 64, seed=5), 3)
+    for tile_key, start_key in (("anchor", "anchor_start"), ("neighbour", "neighbour_start"),
+                                ("opposite", "opposite_start")):
+        clip, frame, voiced = _trace(cache, _cat(batches, tile_key))
+        lengths = cache.index["n_frames"].to_numpy()[clip]
+        np.testing.assert_array_equal(frame[:, 0], _cat(batches, start_key) % lengths)  # short clips loop
+        sounding = np.isin(clip, [0, 1, 5])  # clips with a tile's worth of sound
+        assert sounding.sum() > 20
+        assert (voiced[sounding].mean(axis=1) >= 0.5).all(), f"{tile_key}: a mostly silent tile"
+        silent = clip == 2  # all silent: it keeps every start (0..60)
+        if silent.sum() > 10:
+            assert np.ptp(frame[silent, 0]) > 30
+        c0, _, v0 = _trace(cache, _cat(off, tile_key))
+        if tile_key != "neighbour" or kw:
+            assert (v0[np.isin(c0, [0, 1])].mean(axis=1) < 0.5).any(), "the check could not fail"
+    a, n = _cat(batches, "anchor_start"), _cat(batches, "neighbour_start")
+    roomy = cache.index["n_frames"].to_numpy()[_cat(batches, "anchor_clip")] - T >= GAP
+    if not kw:  # neighbours keep the neighbourhood and, where the clip allows, the gap
+        assert (np.abs(a - n) <= HOOD).all() and (np.abs(a - n)[roomy] >= GAP).all()
+    if kw.get("mode") == "tile2vec-distant":
+        far = _cat(batches, "opposite_clip") == _cat(batches, "anchor_clip")
+        assert far.any() and (np.abs(a - _cat(batches, "opposite_start"))[far] >= 2 * HOOD).all()
