@@ -206,14 +206,40 @@ def crop_active(config: SamplerConfig) -> bool:
     return not (config.crop_scale_min == 1.0 and config.crop_scale_max == 1.0)
 
 
+@tf.function(jit_compile=True)
+def resize_rows_cols(x, r0, r1, wr, keep_r, c0, c1, wc):
+    """Separable bilinear resampling of (n, T, M) tiles at rows r0/r1 (n, T) and columns c0/c1 (n, M).
+
+    Rows with ``keep_r`` 0 (outside the tile, on the canvas) become 0; one fused XLA loop.
+    """
+    top = tf.gather(x, r0, batch_dims=1)
+    rows = top + (tf.gather(x, r1, batch_dims=1) - top) * wr[..., None]
+    left = tf.gather(rows, c0, axis=2, batch_dims=1)
+    out = left + (tf.gather(rows, c1, axis=2, batch_dims=1) - left) * wc[:, None, :]
+    return out * keep_r[..., None]
+
+
+def _sample_points(start, size, length: int, out: int):
+    """Source rows r0, r1 (int32), weights and inside-mask, each (n, out), of a crop resized to ``out``."""
+    step = tf.cast(size - 1, tf.float64) / float(max(out - 1, 1))
+    pos = tf.cast(start, tf.float64)[:, None] + step[:, None] * tf.range(out, dtype=tf.float64)[None, :]
+    inside = (pos >= 0.0) & (pos <= length - 1.0)
+    base = tf.clip_by_value(tf.floor(pos), 0.0, length - 1.0)
+    r0 = tf.cast(base, tf.int32)
+    r1 = tf.minimum(r0 + 1, length - 1)
+    return r0, r1, tf.cast(pos - base, tf.float32), tf.cast(inside, tf.float32)
+
+
 def resize_crop(tiles: tf.Tensor, key: tf.Tensor, config: SamplerConfig) -> tf.Tensor:
     """BYOL-A's random resize crop of each tile (n, T, M), resized back to (T, M).
 
     The tile sits in the middle of a zero canvas ``floor(T * crop_canvas)`` frames long
     (and M bands high); a crop of ``floor(s * T)`` frames and ``floor(s' * M)`` bands,
     ``s, s' ~ U(crop_scale_min, crop_scale_max)``, each clipped to the canvas, is taken
-    at a uniform position on the canvas and resized back with bilinear interpolation
-    (corners aligned, as BYOL-A), all tiles in one ``tf.image.crop_and_resize``.
+    at a uniform position on the canvas and resized back with bilinear interpolation,
+    corners aligned (as BYOL-A; its bicubic is bilinear here). The resampling is
+    separable (rows, then bands) in one XLA loop, several times faster on CPU than
+    ``tf.image.crop_and_resize``, which computes the same values.
     """
     n, t, m = tiles.shape
     u = tf.random.stateless_uniform([4, n], seed=key, dtype=tf.float64)
@@ -226,10 +252,6 @@ def resize_crop(tiles: tf.Tensor, key: tf.Tensor, config: SamplerConfig) -> tf.T
     h, w = size(u[0], t, canvas), size(u[1], m, m)
     i = randint(u[2], canvas - h + 1) - (canvas - t) // 2
     j = randint(u[3], m - w + 1)
-    ty, tx = float(max(t - 1, 1)), float(max(m - 1, 1))
-    boxes = tf.cast(tf.stack([tf.cast(i, tf.float64) / ty, tf.cast(j, tf.float64) / tx,
-                              tf.cast(i + h - 1, tf.float64) / ty, tf.cast(j + w - 1, tf.float64) / tx], 1),
-                    tf.float32)
-    out = tf.image.crop_and_resize(tiles[..., None], boxes, tf.range(n, dtype=tf.int32), [t, m],
-                                   method="bilinear", extrapolation_value=0.0)
-    return out[..., 0]
+    r0, r1, wr, keep = _sample_points(i, h, t, t)
+    c0, c1, wc, _ = _sample_points(j, w, m, m)
+    return resize_rows_cols(tiles, r0, r1, wr, keep, c0, c1, wc)
