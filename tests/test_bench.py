@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
 import soundfile as sf
 
 from tile2audio.bench import forward_flops, run_bench
-from tile2audio.config import ExperimentConfig, FeatureParams, ModelConfig, TileConfig, TrainConfig
+from tile2audio.config import ExperimentConfig, FeatureParams, ModelConfig, SamplerConfig, TileConfig, TrainConfig
 from tile2audio.errors import Tile2AudioError
 from tile2audio.models import build_encoder
 from tile2audio.train import resolve_precision
@@ -61,10 +62,16 @@ def test_features_and_sampler(folder, tmp_path):
     assert json.loads(out.read_text())["features"]["clips_per_s"] == f["clips_per_s"]
     assert "sampler" not in result and "train" not in result
 
-    s = run_bench("sampler", data=folder, seconds=0.2, settings=TINY)["sampler"]
-    for key in ("triplets_per_s", "reference_triplets_per_s", "ratio", "peak_rss_mb"):
+    # The sampler with BYOL-A views and silence-aware tiles, against the trainer's step.
+    views = replace(TINY, sampler=SamplerConfig(views="byola", skip_silence=True))
+    result = run_bench("sampler", data=folder, seconds=0.2, settings=views)
+    s = result["sampler"]
+    for key in ("triplets_per_s", "reference_triplets_per_s", "ratio", "peak_rss_mb", "train_step_triplets_per_s",
+                "train_step_ms", "train_ratio"):
         assert _positive(s[key]), key
     assert s["ratio"] == pytest.approx(s["triplets_per_s"] / s["reference_triplets_per_s"])
+    assert s["train_ratio"] == pytest.approx(s["triplets_per_s"] / s["train_step_triplets_per_s"])
+    assert s["train_encoder"] == "cnn" and result["settings"]["sampler"]["views"] == "byola"
 
 
 def test_train_one_encoder(folder):

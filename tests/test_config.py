@@ -4,6 +4,7 @@ import pytest
 
 from tile2audio.config import (
     ExperimentConfig,
+    SamplerConfig,
     TrainingConfig,
     dump_yaml,
     load_experiment,
@@ -116,3 +117,22 @@ def test_choices_live_in_config():
     actions = {a.dest: a for p in cli._parser()._subparsers._group_actions[0].choices.values() for a in p._actions}
     assert tuple(actions["strategy"].choices) == config.STRATEGIES
     assert tuple(actions["weights"].choices) == config.WEIGHTS
+
+
+@pytest.mark.parametrize("name, value", [
+    ("views", "simclr"), ("mixup_ratio", 1.0), ("mixup_ratio", -0.1), ("mixup_ratio", float("nan")),
+    ("crop_scale_min", 0.0), ("crop_scale_max", 0.5), ("crop_canvas", 0.9), ("crop_canvas", float("inf")),
+    ("view_gain_db", -1.0), ("eq_db", -2.0), ("eq_points", 1), ("eq_points", 2.5), ("skip_silence", "yes"),
+    ("silence_db", 0.0), ("silence_db", float("nan")), ("silence_tile_fraction", 1.5),
+])
+def test_view_and_silence_settings_are_checked(name, value):
+    with pytest.raises(Tile2AudioError, match=rf"sampler.{name}"):
+        SamplerConfig(**{name: value})
+
+
+def test_view_and_silence_settings_default_off_and_load_from_overrides():
+    cfg = SamplerConfig()
+    assert cfg.views == "plain" and not cfg.byola and cfg.skip_silence is False
+    loaded = load_experiment(None, ["sampler.views=byola", "sampler.mixup_ratio=0.3", "sampler.skip_silence=true",
+                                    "sampler.eq_points=3"]).sampler
+    assert loaded.byola and loaded.mixup_ratio == 0.3 and loaded.skip_silence is True and loaded.eq_points == 3

@@ -416,3 +416,239 @@ def test_fake_and_real_caches_are_feature_sources_and_pools_are_named(tiny_cache
     pool = ts._pool_arrays(0)
     assert isinstance(pool, PoolArrays) and len(pool.offsets) == len(pool.rows) == 3
     assert pool.frames.shape[1] == fake.n_mels and pool.s_clip.dtype == np.float32
+
+
+# --------------------------------------------------------------------------- BYOL-A views
+
+
+def _views(**kw) -> "SamplerConfig":
+    """BYOL-A views with every part off unless given (each test turns on the part it checks)."""
+    parts = {"views": "byola", "mixup_ratio": 0.0, "view_gain_db": 0.0, "eq_db": 0.0, "crop_scale_min": 1.0,
+             "crop_scale_max": 1.0}
+    return _sampler(**{**parts, **kw})
+
+
+def test_view_settings_do_nothing_while_views_are_plain(mixed_cache):
+    plain = _batches(TripletSampler(mixed_cache, TILES, _sampler(), 16, seed=2), 2)
+    tuned = _sampler(mixup_ratio=0.2, crop_scale_min=0.8, crop_scale_max=1.2, crop_canvas=2.0, view_gain_db=3.0,
+                     eq_db=9.0, eq_points=3)
+    same = _batches(TripletSampler(mixed_cache, TILES, tuned, 16, seed=2), 2)
+    assert SamplerConfig().views == "plain" and not SamplerConfig().byola
+    for x, y in zip(plain, same):
+        assert set(x) == set(y)
+        for key in x:
+            np.testing.assert_array_equal(x[key], y[key])
+
+
+@pytest.mark.parametrize("normalize", ["standardize", "minmax"])
+def test_log_mixup_exp_mixes_powers_with_partners_outside_the_anchor_group(normalize):
+    # Constant clips (raw dB levels below); clips 0 and 1 share group "a".
+    cache = FakeCache([100, 100, 100, 100, 100], groups=["a", "a", "", "", ""], n_mels=4, normalize=normalize)
+    raw_db = np.array([0.0, 6.0, -10.0, 12.0, 3.0])
+    scale, offset = (2.0, 0.0) if normalize == "standardize" else (8.0, -4.0)  # the fake's std / min-max
+    for i, level in enumerate(raw_db):
+        cache._data[f"c{i}"][:] = (level - offset) / scale
+    config = _views(mixup_ratio=0.4)
+    sampler = TripletSampler(cache, TILES, config, 64, seed=0)
+    batches = _batches(sampler, 3)
+    again = _batches(TripletSampler(cache, TILES, config, 64, seed=0), 3)
+    group = cache.index["group"].to_numpy()
+    lams = []
+    for b, b2 in zip(batches, again):
+        for key in b:
+            np.testing.assert_array_equal(b[key], b2[key])
+        a = b["anchor_clip"]
+        for tile_key, clip_key, partner_key in (("anchor", "anchor_clip", "anchor_partner"),
+                                                ("neighbour", "neighbour_clip", "neighbour_partner"),
+                                                ("opposite", "opposite_clip", "opposite_partner")):
+            partner = b[partner_key]
+            assert (partner != a).all()
+            named = group[a] != ""
+            assert (group[partner][named] != group[a][named]).all(), "a partner of the anchor's group"
+            own = b[clip_key]
+            y = (b[tile_key][..., 0] * scale + offset) * np.log(10) / 10  # natural-log power
+            np.testing.assert_allclose(y, y[:, :1, :1] * np.ones_like(y), atol=1e-5)
+            other = partner != own  # an opposite may be mixed with its own clip (then nothing to solve)
+            x = raw_db[own][other] * np.log(10) / 10
+            m = raw_db[partner][other] * np.log(10) / 10
+            lam = (np.exp(y[other, 0, 0]) - np.exp(x)) / (np.exp(m) - np.exp(x))
+            assert (lam > -1e-4).all() and (lam < 0.4 + 1e-4).all()
+            lams.append(lam)
+        assert (b["neighbour_partner"] != b["anchor_partner"]).all(), "anchor and positive share a partner"
+    lams = np.concatenate(lams)
+    assert lams.min() < 0.05 and lams.max() > 0.35  # l ~ U(0, 0.4), per tile
+
+
+def test_mixup_partners_fall_back_to_other_clips_when_one_group_holds_all():
+    cache = FakeCache([100, 100, 100], groups=["g", "g", "g"])
+    (b,) = _batches(TripletSampler(cache, TILES, _views(mixup_ratio=0.4), 64, seed=1), 1)
+    for key in ("anchor_partner", "neighbour_partner", "opposite_partner"):
+        assert (b[key] != b["anchor_clip"]).all()
+
+
+def test_resize_crop_stretches_time_and_mel_bands_inside_a_zero_canvas():
+    # Every frame holds 100 + frame number + 0.25 x band: affine, so bilinear resizing keeps it affine.
+    lengths = [200, 150, 120]
+    cache = FakeCache(lengths, n_mels=16)
+    for i, n in enumerate(lengths):
+        cache._data[f"c{i}"][:] = 100.0 + np.arange(n)[:, None] + 0.25 * np.arange(16)[None, :]
+    config = _views(crop_scale_min=0.6, crop_scale_max=1.5, crop_canvas=1.5)
+    plain = _batches(TripletSampler(cache, TILES, _sampler(), 64, seed=4), 2)
+    batches = _batches(TripletSampler(cache, TILES, config, 64, seed=4), 2)
+    rows, cols = np.arange(T, dtype=float), np.arange(16, dtype=float)
+    canvas = int(1.5 * T)
+    slopes = {}
+    padded = 0
+    for b, p in zip(batches, plain):
+        for key in ("anchor_start", "neighbour_start", "opposite_start", "anchor_clip"):
+            np.testing.assert_array_equal(b[key], p[key])  # the views never change the draws
+        for tile_key, start_key in (("anchor", "anchor_start"), ("neighbour", "neighbour_start")):
+            for tile, start in zip(b[tile_key][..., 0], b[start_key]):
+                pad = (tile == 0).all(axis=1)
+                padded += pad.any()
+                assert not pad.all() and np.isin(tile[pad], [0.0]).all()
+                r, c = np.meshgrid(rows[~pad], cols, indexing="ij")
+                design = np.stack([np.ones(r.size), r.ravel(), c.ravel()], 1)
+                coef, *_ = np.linalg.lstsq(design, tile[~pad].ravel(), rcond=None)
+                np.testing.assert_allclose(design @ coef, tile[~pad].ravel(), atol=2e-3)
+                assert (int(0.6 * T) - 1) / (T - 1) - 1e-3 <= coef[1] <= (canvas - 1) / (T - 1) + 1e-3
+                assert 0.25 * (int(0.6 * 16) - 1) / 15 - 1e-3 <= coef[2] <= 0.25 + 1e-3
+                assert tile[~pad].min() >= 100 + start - 1e-3 and tile[~pad].max() <= 100 + start + T - 1 + 4
+                slopes.setdefault(tile_key, []).append(coef[1])
+    assert padded > 10
+    assert np.ptp(slopes["anchor"]) > 0.5
+    assert np.mean(np.abs(np.subtract(slopes["anchor"], slopes["neighbour"])) > 1e-3) > 0.9  # independent crops
+
+
+def test_view_gain_and_eq_add_a_smooth_curve_in_db_per_tile():
+    from tile2audio.augment import eq_weights
+
+    cache = FakeCache([200, 150, 120], n_mels=16)  # standardize, std 2: 1 dB is 0.5 normalised units
+    plain = _batches(TripletSampler(cache, TILES, _sampler(), 32, seed=1), 1)[0]
+    aug = _batches(TripletSampler(cache, TILES, _views(view_gain_db=6.0, eq_db=6.0, eq_points=4), 32, seed=1), 1)[0]
+    gain = _batches(TripletSampler(cache, TILES, _views(view_gain_db=6.0), 32, seed=1), 1)[0]
+    weights = eq_weights(4, 16)
+    curves = []
+    for key in ("anchor", "neighbour", "opposite"):
+        diff_db = 2.0 * (aug[key] - plain[key])[..., 0]
+        np.testing.assert_allclose(diff_db, np.broadcast_to(diff_db[:, :1, :], diff_db.shape), atol=2e-3)
+        curve = diff_db[:, 0, :]  # (n, M): gain + EQ
+        assert (np.abs(curve) <= 12.0 + 1e-3).all()
+        coef, *_ = np.linalg.lstsq(weights.T, curve.T, rcond=None)
+        np.testing.assert_allclose(weights.T @ coef, curve.T, atol=2e-3)  # smooth: a blend of 4 points
+        curves.append(curve)
+        gain_db = 2.0 * (gain[key] - plain[key])[..., 0]
+        np.testing.assert_allclose(gain_db, np.broadcast_to(gain_db[:, :1, :1], gain_db.shape), atol=2e-3)
+        assert (np.abs(gain_db) <= 6.0 + 1e-3).all() and np.ptp(gain_db[:, 0, 0]) > 3.0
+    curves = np.concatenate(curves)
+    assert np.ptp(curves[:, -1] - curves[:, 0]) > 6.0  # tilts differ from tile to tile
+    assert np.abs(np.diff(curves, 2, axis=1)).max() < 3.0  # no band-to-band jumps
+    assert (np.abs(np.diff(curves, axis=1)).max(axis=1) > 0.1).mean() > 0.9  # but not flat
+
+
+def test_views_are_deterministic_and_resume_exactly():
+    cache = _rotating_cache()
+    config = _views(mixup_ratio=0.4, view_gain_db=6.0, eq_db=6.0, crop_scale_min=0.6, crop_scale_max=1.5,
+                    memory_gb=(2 * 3200 + 100) / 2**30, rotate_steps=2)
+    sampler = TripletSampler(cache, TILES, config, 8, seed=4)
+    full = _batches(sampler, 6)
+    resumed = _batches(TripletSampler(cache, TILES, config, 8, seed=4), 3, start_step=3)
+    for x, y in zip(full[3:], resumed):
+        for key in x:
+            np.testing.assert_array_equal(x[key], y[key])
+    shard_of = cache.index["shard"].to_numpy()
+    for step, b in enumerate(full):  # partners come from the pool in memory at that step
+        pool = set(sampler.loaded_pools[step // 2].shards)
+        for key in ("anchor_partner", "neighbour_partner", "opposite_partner"):
+            assert set(shard_of[b[key]]) <= pool
+
+
+# --------------------------------------------------------------------------- silence-aware tiles
+
+
+def _silent_cache(normalize: str = "standardize") -> FakeCache:
+    """Clips with silent parts: bands 2-5 are 20 dB where voiced and -40 dB elsewhere (raw, std 2).
+
+    Bands 0 and 1 hold -200 - clip and -200 - frame (far below the sound, so they add no
+    power): a tile is traced with :func:`_trace`.
+    """
+    lengths = [200, 150, 100, 60, 25, 160]
+    voiced = [(50, 150), (100, 150), (0, 0), (0, 10), (0, 25), (0, 160)]
+    cache = FakeCache(lengths, n_mels=6, normalize=normalize, groups=["", "", "", "", "", ""])
+    scale, offset = (2.0, 0.0) if normalize == "standardize" else (8.0, -4.0)
+    cache.index["min"], cache.index["max"] = -440.0, 40.0  # the minmax fake: raw = x * 480 - 440
+    if normalize == "minmax":
+        scale, offset = 480.0, -440.0
+    for i, (n, (lo, hi)) in enumerate(zip(lengths, voiced)):
+        raw = np.full((n, 6), -40.0)
+        raw[lo:hi, 2:] = 20.0
+        raw[:, 0], raw[:, 1] = -200.0 - i, -200.0 - np.arange(n)
+        cache._data[f"c{i}"] = ((raw - offset) / scale).astype(np.float32)
+    cache.voiced = voiced
+    cache.raw_affine = (scale, offset)
+    return cache
+
+
+def _trace(cache, tiles):
+    """(clip, frame numbers (n, T), voiced (n, T)) of normalised tiles (n, T, M, 1) of the silent cache."""
+    scale, offset = cache.raw_affine
+    raw = np.rint(tiles[..., 0] * scale + offset)
+    clip = (-200 - raw[:, :, 0]).astype(int)
+    frame = (-200 - raw[:, :, 1]).astype(int)
+    return clip[:, 0], frame, raw[:, :, 2] > 0
+
+
+def test_pools_mark_mostly_non_silent_starts_and_keep_all_of_a_silent_clip():
+    from tile2audio.pools import SilenceRule, band_normalisation, non_silent_starts
+
+    cache = _silent_cache()
+    frames, offsets, lengths = cache.frames_block(list(cache.index["clip_id"]))
+    ones = np.ones(len(lengths), np.float32)
+    rule = SilenceRule(40.0, 0.5, T, band_normalisation(cache), 10 / np.log(10))
+    rank, starts, first, count = non_silent_starts(frames, offsets, lengths, ones, 0 * ones, rule)
+    by_clip = [starts[f:f + c] for f, c in zip(first, count)]
+    np.testing.assert_array_equal(by_clip[0], np.arange(30, 131))  # >= 20 of 40 frames in 50..149
+    np.testing.assert_array_equal(by_clip[1], np.arange(80, 111))
+    for c in (2, 3):  # all silent, or too little sound for one tile: every start
+        np.testing.assert_array_equal(by_clip[c], np.arange(lengths[c] - T + 1))
+    np.testing.assert_array_equal(by_clip[5], np.arange(121))
+    for c, o in enumerate(offsets):  # the rank table counts allowed starts below each position
+        table = rank[o + c:o + c + lengths[c] + 1]
+        expected = [(by_clip[c] < p).sum() for p in range(lengths[c] + 1)]
+        np.testing.assert_array_equal(table, expected)
+    loose = non_silent_starts(frames, offsets, lengths, ones, 0 * ones, rule._replace(silence_db=70.0))
+    assert loose[3][0] == 161  # at 70 dB the -40 dB frames count as sound: every start of clip 0
+
+
+@pytest.mark.parametrize("normalize", ["standardize", "minmax"])
+@pytest.mark.parametrize("kw", [{}, {"positive": "view"}, {"mode": "tile2vec-distant", "distant_prob": 1.0},
+                                {"mode": "supervised"}],
+                         ids=["neighbour", "view", "distant", "supervised"])
+def test_skip_silence_draws_tiles_from_the_sound(normalize, kw):
+    cache = _silent_cache(normalize)
+    cache.index["label"] = ["x", "y", "x", "y", "x", "y"]
+    config = _sampler(skip_silence=True, **kw)
+    sampler = TripletSampler(cache, TILES, config, 64, seed=5)
+    batches = _batches(sampler, 3)
+    off = _batches(TripletSampler(cache, TILES, _sampler(**kw), 64, seed=5), 3)
+    for tile_key, start_key in (("anchor", "anchor_start"), ("neighbour", "neighbour_start"),
+                                ("opposite", "opposite_start")):
+        clip, frame, voiced = _trace(cache, _cat(batches, tile_key))
+        lengths = cache.index["n_frames"].to_numpy()[clip]
+        np.testing.assert_array_equal(frame[:, 0], _cat(batches, start_key) % lengths)  # short clips loop
+        sounding = np.isin(clip, [0, 1, 5])  # clips with a tile's worth of sound
+        assert sounding.sum() > 20
+        assert (voiced[sounding].mean(axis=1) >= 0.5).all(), f"{tile_key}: a mostly silent tile"
+        silent = clip == 2  # all silent: it keeps every start (0..60)
+        if silent.sum() > 10:
+            assert np.ptp(frame[silent, 0]) > 30
+        c0, _, v0 = _trace(cache, _cat(off, tile_key))
+        if tile_key != "neighbour" or kw:
+            assert (v0[np.isin(c0, [0, 1])].mean(axis=1) < 0.5).any(), "the check could not fail"
+    a, n = _cat(batches, "anchor_start"), _cat(batches, "neighbour_start")
+    roomy = cache.index["n_frames"].to_numpy()[_cat(batches, "anchor_clip")] - T >= GAP
+    if not kw:  # neighbours keep the neighbourhood and, where the clip allows, the gap
+        assert (np.abs(a - n) <= HOOD).all() and (np.abs(a - n)[roomy] >= GAP).all()
+    if kw.get("mode") == "tile2vec-distant":
+        far = _cat(batches, "opposite_clip") == _cat(batches, "anchor_clip")
+        assert far.any() and (np.abs(a - _cat(batches, "opposite_start"))[far] >= 2 * HOOD).all()

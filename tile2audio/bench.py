@@ -11,7 +11,11 @@ Measures, on the built-in synthetic demo data (or a folder of labelled audio):
 ``sampler``
     :func:`measure_sampler`: triplets per second of the tf.data
     sampler, of the reference sampler that decodes audio per triplet in Python (the
-    predecessor's design), and their ratio.
+    predecessor's design), and their ratio; then the trainer's own step for the
+    configured encoder on one fixed in-memory batch (``train_step_triplets_per_s``, as
+    ``model_only_triplets_per_s`` of ``train``) and ``train_ratio``, sampler over train
+    step: above 1 (3 is the target with BYOL-A views) the sampler keeps up with training.
+    ``tile2audio bench sampler --set sampler.views=byola`` measures the views.
 ``train``
     For each encoder (cnn, crnn, resnet18, default :class:`ModelConfig` widths, batch
     :attr:`TrainConfig.batch_size`): triplets per second and ms per step of the trainer's
@@ -480,7 +484,31 @@ def _sampler_stage(cache_dir: str, training: TrainingConfig, manifest: Path, sec
     extract_clip(paths[0], cache.params)
     out = measure_sampler(cache, training.tiles, training.sampler, training.train.batch_size,
                           seconds=seconds, reference_paths=paths, reference_seconds=seconds)
-    return dict(out)
+    out = dict(out)
+    out.update(_train_step_rate(cache, training, seconds))
+    out["train_ratio"] = out["triplets_per_s"] / out["train_step_triplets_per_s"]
+    return out
+
+
+def _train_step_rate(cache, training: TrainingConfig, seconds: float) -> dict:
+    """Triplets/s of the trainer's step (configured encoder) on one fixed batch, the sampler's yardstick."""
+    import keras
+    import tensorflow as tf
+
+    from .rules import choose_training
+    from .sampler import TripletSampler
+    from .train import build_triplet_model, make_optimizer
+
+    training, _ = choose_training(training, cache.index, cache.frames_per_second)  # as train() does
+    t = training.train
+    keras.utils.set_random_seed(t.seed)
+    sampler = TripletSampler(cache, training.tiles, training.sampler, batch_size=t.batch_size, seed=t.seed)
+    model = build_triplet_model(training, sampler.tile_shape, cache.params.normalize)
+    model.compile(optimizer=make_optimizer(training), jit_compile=t.jit_compile)
+    fixed = tf.data.Dataset.from_tensors(next(iter(sampler.dataset()))).repeat()
+    timing = _time_fit(model, fixed, seconds, t.batch_size)
+    return {"train_step_triplets_per_s": timing["triplets_per_s"], "train_step_ms": timing["ms_per_step"],
+            "train_encoder": training.model.encoder}
 
 
 # --------------------------------------------------------------------------- training

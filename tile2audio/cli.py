@@ -135,6 +135,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--baseline", action="store_true",
                    help="train: also time each encoder built the old way (float32, unfused batch norm)")
     s.add_argument("--encoders", default="cnn,crnn,resnet18", help="train: comma-separated encoders")
+    s.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="settings to measure, e.g. sampler.views=byola")
     s.set_defaults(func=_bench)
     return p
 
@@ -265,6 +267,7 @@ def _bench(args: argparse.Namespace, progress: bool) -> None:
     from .bench import run_bench
 
     result = run_bench(args.what, data=args.data, seconds=args.seconds, json_path=args.json,
+                       settings=_sections(None, args.set) if args.set else None,
                        baseline=args.baseline, encoders=[e for e in args.encoders.split(",") if e])
     print(json.dumps(result, indent=2))
 

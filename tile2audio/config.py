@@ -46,6 +46,7 @@ PRECISIONS = ("auto", "float32", "mixed_bfloat16", "mixed_float16")
 # The choices of every string setting, in one place: the checks below, tile2audio.losses
 # and the command line's ``choices=`` all read these tuples.
 SAMPLER_MODES = ("tile2vec", "tile2vec-distant", "supervised")
+VIEWS = ("plain", "byola")
 ENCODERS = ("cnn", "crnn", "resnet18")
 GLOBAL_POOLS = ("avg", "max", "avgmax", "time", "frames")
 LOSS_KINDS = ("triplet", "npair")
@@ -244,6 +245,28 @@ class SamplerConfig:
     probes always split by group, whatever this says). ``positive``, ``augment`` and
     ``exclude_group_opposites`` default to ``auto``, chosen from the data by
     :func:`tile2audio.rules.choose_training`; an explicit value always wins.
+
+    ``views``: ``plain`` (the default: tiles as cut, then ``augment`` if on) or ``byola``:
+    every tile of a triplet (anchor, positive and opposite, each from its own seed) also
+    goes through BYOL-A's views (Niizumi et al. 2021), in the un-normalised log domain:
+    log-mixup-exp ``log((1 - l) exp(x) + l exp(m))`` of the tile's natural-log mel power
+    ``x`` with a random tile ``m`` of another clip, ``l ~ U(0, mixup_ratio)`` (0 turns it
+    off); a random gain of up to +-``view_gain_db`` dB and a smooth random EQ (gains of up
+    to +-``eq_db`` dB at ``eq_points`` points evenly spaced over the mel bands, joined by
+    raised-cosine curves: 2 points make a tilt; 0 dB turns it off); then a random resize
+    crop: a crop of ``U(crop_scale_min, crop_scale_max)`` times the tile's frames and mel
+    bands from a virtual canvas ``crop_canvas`` tiles long (the tile in its middle, zeros
+    around it: the band mean for ``standardize`` features, the clip minimum for
+    ``minmax``; the mel canvas is the tile's bands, as in BYOL-A), resized back
+    (bilinear); ``crop_scale_min = crop_scale_max = 1`` turns the crop off. Mixing
+    partners are never of the anchor's clip or group, and the positive's partner is
+    never the anchor's (see :mod:`tile2audio.sampler`).
+
+    ``skip_silence``: anchor, positive, opposite and mixing-partner tiles start only where
+    at least ``silence_tile_fraction`` of the tile's frames are non-silent, a frame being
+    non-silent when its power (summed over the mel bands) is within ``silence_db`` dB of
+    the clip's loudest frame (marked once per pool load from the un-normalised log-mel;
+    a clip with no such start keeps every start).
     """
 
     mode: str = "tile2vec"
@@ -262,6 +285,17 @@ class SamplerConfig:
     freq_mask_fraction: float = 0.2
     mix_prob: float = 0.0
     mix_gain_db: float = -12.0
+    views: str = "plain"
+    mixup_ratio: float = 0.4
+    crop_scale_min: float = 0.6
+    crop_scale_max: float = 1.5
+    crop_canvas: float = 1.5
+    view_gain_db: float = 6.0
+    eq_db: float = 6.0
+    eq_points: int = 4
+    skip_silence: bool = False
+    silence_db: float = 40.0
+    silence_tile_fraction: float = 0.5
 
     def __post_init__(self) -> None:
         _check_all_finite(self, "sampler")
@@ -277,6 +311,34 @@ class SamplerConfig:
         for name in ("distant_prob", "mix_prob", "time_mask_fraction", "freq_mask_fraction"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise Tile2AudioError(f"sampler.{name} must be in [0, 1], got {getattr(self, name)!r}")
+        self._check_views()
+
+    def _check_views(self) -> None:
+        """Validate the BYOL-A view and silence settings."""
+        _check_choice("sampler.views", self.views, VIEWS)
+        if not 0.0 <= self.mixup_ratio < 1.0:
+            raise Tile2AudioError(f"sampler.mixup_ratio must be in [0, 1), got {self.mixup_ratio!r}")
+        _check_positive("sampler.crop_scale_min", self.crop_scale_min)
+        if self.crop_scale_max < self.crop_scale_min:
+            raise Tile2AudioError(f"sampler.crop_scale_max ({self.crop_scale_max!r}) must be >= "
+                                  f"sampler.crop_scale_min ({self.crop_scale_min!r})")
+        if not self.crop_canvas >= 1.0:
+            raise Tile2AudioError(f"sampler.crop_canvas must be >= 1, got {self.crop_canvas!r}")
+        _check_positive("sampler.view_gain_db", self.view_gain_db, allow_zero=True)
+        _check_positive("sampler.eq_db", self.eq_db, allow_zero=True)
+        if isinstance(self.eq_points, bool) or not isinstance(self.eq_points, int) or self.eq_points < 2:
+            raise Tile2AudioError(f"sampler.eq_points must be an integer >= 2, got {self.eq_points!r}")
+        if not isinstance(self.skip_silence, bool):
+            raise Tile2AudioError(f"sampler.skip_silence must be true or false, got {self.skip_silence!r}")
+        _check_positive("sampler.silence_db", self.silence_db)
+        if not 0.0 <= self.silence_tile_fraction <= 1.0:
+            raise Tile2AudioError(
+                f"sampler.silence_tile_fraction must be in [0, 1], got {self.silence_tile_fraction!r}")
+
+    @property
+    def byola(self) -> bool:
+        """True when ``views`` is ``byola``."""
+        return self.views == "byola"
 
     @property
     def is_auto(self) -> bool:

@@ -26,7 +26,8 @@ from .features import MIN_SCALE, STD_FLOOR
 log = logging.getLogger(__name__)
 
 __all__ = ["FeatureSource", "PoolArrays", "LoadUnit", "PoolRecord", "PoolPlan", "eligible_rows", "group_codes",
-           "label_codes", "blocks", "load_pool", "pad_short", "band_normalisation", "clip_normalisation"]
+           "label_codes", "blocks", "load_pool", "pad_short", "band_normalisation", "clip_normalisation",
+           "SilenceRule", "non_silent_starts"]
 
 GIB = float(2**30)
 
@@ -73,6 +74,21 @@ class PoolArrays(NamedTuple):
     l_rank: np.ndarray  # int32, each clip's rank inside its label block
     s_clip: np.ndarray  # float32, per-clip scale of the log-domain augmentation
     o_clip: np.ndarray  # float32, per-clip offset of the log-domain augmentation
+    # The allowed (mostly non-silent) tile starts, empty unless sampler.skip_silence:
+    ok_rank: np.ndarray  # int32, per clip (length + 1 entries from offset + clip position): allowed starts < p
+    ok_starts: np.ndarray  # int32, every clip's allowed starts, ascending, clip after clip
+    ok_offset: np.ndarray  # int32, each clip's first entry in ok_starts
+    ok_count: np.ndarray  # int32, each clip's number of allowed starts (>= 1)
+
+
+class SilenceRule(NamedTuple):
+    """How :func:`non_silent_starts` marks silence (``sampler.silence_db`` etc.)."""
+
+    silence_db: float  # a frame within this many dB of the clip's loudest frame is non-silent
+    fraction: float  # a start is allowed when this share of its tile's frames is non-silent
+    tile_frames: int
+    band_affine: tuple  # per-band (scale, offset), float32 (M,), raw = normalised * scale + offset
+    unit: float  # feature units per natural-log unit of power
 
 
 @dataclass(frozen=True)
@@ -230,7 +246,8 @@ class PoolPlan:
 
 
 def load_pool(cache: FeatureSource, index: pd.DataFrame, units: list[LoadUnit], pool: int, *, pad_frames: int,
-              groups: np.ndarray, labels: np.ndarray, dtype, augment: bool) -> tuple[PoolArrays, PoolRecord]:
+              groups: np.ndarray, labels: np.ndarray, dtype, augment: bool,
+              silence: SilenceRule | None = None) -> tuple[PoolArrays, PoolRecord]:
     """Read one pool from the cache with its sampling tables.
 
     Parameters
@@ -247,6 +264,9 @@ def load_pool(cache: FeatureSource, index: pd.DataFrame, units: list[LoadUnit], 
         Dtype of the in-memory frames.
     augment : bool
         Whether the per-clip minmax factors are needed.
+    silence : SilenceRule, optional
+        Mark each clip's mostly non-silent tile starts (:func:`non_silent_starts`); the
+        ``ok_*`` fields are empty without it.
 
     Returns
     -------
@@ -264,13 +284,18 @@ def load_pool(cache: FeatureSource, index: pd.DataFrame, units: list[LoadUnit], 
     pool_groups = groups[rows].astype(np.int32)
     g_order, g_start, g_count, _ = blocks(pool_groups)
     l_order, l_start, l_count, l_rank = blocks(labels[rows])
-    s_clip, o_clip = clip_normalisation(index, cache.params.normalize, rows, augment)
+    s_clip, o_clip = clip_normalisation(index, cache.params.normalize, rows, augment or silence is not None)
     record = PoolRecord(pool, tuple(u.shard for u in units), len(rows), int(sum(u.nbytes for u in units)))
     i32 = np.int32
+    if silence is None:
+        ok = (np.zeros(0, i32),) * 4
+    else:
+        ok = non_silent_starts(frames, offsets, lengths, s_clip, o_clip, silence)
     arrays = PoolArrays(frames=frames, offsets=offsets.astype(i32), lengths=lengths.astype(i32),
                         rows=rows.astype(i32), groups=pool_groups, g_order=g_order, g_start=g_start,
                         g_count=g_count, l_order=l_order, l_start=l_start, l_count=l_count, l_rank=l_rank,
-                        s_clip=s_clip, o_clip=o_clip)
+                        s_clip=s_clip, o_clip=o_clip, ok_rank=ok[0], ok_starts=ok[1], ok_offset=ok[2],
+                        ok_count=ok[3])
     return arrays, record
 
 
@@ -383,3 +408,62 @@ def clip_normalisation(index: pd.DataFrame, normalize: str, rows: np.ndarray,
     lo = index["min"].to_numpy(dtype=np.float64)[rows]
     hi = index["max"].to_numpy(dtype=np.float64)[rows]
     return np.maximum(hi - lo, MIN_SCALE).astype(np.float32), lo.astype(np.float32)
+
+
+def non_silent_starts(frames: np.ndarray, offsets: np.ndarray, lengths: np.ndarray, s_clip: np.ndarray,
+                      o_clip: np.ndarray, rule: SilenceRule):
+    """Each clip's tile starts whose tile is mostly non-silent, as the sampler's lookup tables.
+
+    A frame's level is its power summed over the mel bands, from the un-normalised
+    log-mel; it is non-silent when within ``rule.silence_db`` dB of the clip's loudest
+    frame. A start ``s`` (0 <= s <= length - T) is allowed when at least
+    ``rule.fraction`` of frames ``s .. s + T - 1`` are non-silent. A clip with no allowed
+    start (all silent, or too little sound for one tile) keeps every start. One numpy
+    pass per clip (at pool load, never per tile).
+
+    Parameters
+    ----------
+    frames : ndarray, shape (rows, M)
+        The pool's normalised frames (clips already looped to one tile).
+    offsets, lengths : ndarray of int, shape (C,)
+    s_clip, o_clip : ndarray of float32, shape (C,)
+        Per-clip normalisation (:func:`clip_normalisation`, minmax factors on).
+    rule : SilenceRule
+
+    Returns
+    -------
+    ok_rank : ndarray of int32, shape (max(offsets + lengths) + C,)
+        Clip ``c``'s entries start at ``offsets[c] + c``: entry ``p`` (0 <= p <= length)
+        counts the allowed starts below ``p``.
+    ok_starts : ndarray of int32
+        The allowed starts, ascending, clip after clip.
+    ok_offset, ok_count : ndarray of int32, shape (C,)
+        Each clip's first entry in ``ok_starts`` and how many it has (>= 1).
+    """
+    band_scale, band_offset = (np.asarray(v, np.float32) for v in rule.band_affine)
+    t = int(rule.tile_frames)
+    floor_ln = rule.silence_db * np.log(10.0) / 10.0
+    size = int((offsets + lengths).max()) + len(offsets) if len(offsets) else 0
+    ok_rank = np.zeros(size, np.int32)
+    starts, counts = [], []
+    for c, (o, n) in enumerate(zip(offsets.tolist(), lengths.tolist())):
+        raw = frames[o:o + n].astype(np.float32) * (band_scale * s_clip[c]) + (band_offset + o_clip[c])
+        ln = raw.astype(np.float64) / rule.unit
+        top = ln.max(axis=1, keepdims=True)
+        level = top[:, 0] + np.log(np.exp(ln - top).sum(axis=1))  # log of the power summed over bands
+        loud = np.concatenate([[0], np.cumsum(level >= level.max() - floor_ln)])
+        span = max(n - t, 0)
+        s = np.arange(span + 1)
+        ok = (loud[np.minimum(s + t, n)] - loud[s]) >= rule.fraction * min(t, n) - 1e-9
+        if not ok.any():
+            ok[:] = True
+        allowed = np.flatnonzero(ok)
+        rank = ok_rank[o + c:o + c + n + 1]  # a view: filled in place
+        rank[1:span + 2] = np.cumsum(ok)
+        rank[span + 2:] = len(allowed)
+        starts.append(allowed)
+        counts.append(len(allowed))
+    counts = np.asarray(counts, np.int64)
+    first = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    i32 = np.int32
+    return ok_rank, np.concatenate(starts).astype(i32), first.astype(i32), counts.astype(i32)

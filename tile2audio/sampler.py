@@ -60,6 +60,20 @@ the tile's mean value. ``top_db`` clipping is not re-applied after a gain or a m
 element-wise part runs as one XLA-compiled function (about 2x faster on CPU than separate
 ops).
 
+Views (``sampler.views: byola``) follow the augmentation, from a key folded from its
+seed (so neither the draws nor the augmentation change): :func:`tile2audio.augment.byola_views`
+on each of the three tiles. The partner of log-mixup-exp is a uniform tile of a clip of
+the pool (:func:`tile2audio.draws.mix_partners`): the pool in memory stands in for
+BYOL-A's FIFO memory of past tiles (same distribution, no state, exact resume). With
+``with_indices`` the batch also carries ``anchor_partner``, ``neighbour_partner`` and
+``opposite_partner`` (index rows of the partner clips) when mixing is on.
+
+Silence (``sampler.skip_silence``): each pool marks, once at load
+(:func:`tile2audio.pools.non_silent_starts`), the starts whose tile is mostly
+non-silent, as per-clip rank tables; every start of the batch (and of the mixing
+partners) is then drawn uniformly among them (:func:`tile2audio.draws.allowed_start`),
+the neighbour within its neighbourhood and gap when such a start exists.
+
 Errors: the first pool is loaded when :meth:`TripletSampler.dataset` is called, so a
 broken cache raises :class:`~tile2audio.errors.Tile2AudioError` there; a later pool that
 fails to load surfaces as a ``tf.errors`` exception carrying the same message.
@@ -73,12 +87,12 @@ import numpy as np
 import pandas as pd
 import tensorflow as tf
 
-from .augment import augment_tiles, log_unit
+from .augment import augment_tiles, byola_views, log_unit
 from .config import SamplerConfig, TileConfig, TrainingConfig, frames_for
-from .draws import gather_tiles, supervised_draw, tile2vec_draw
+from .draws import allowed_start, gather_tiles, mix_partners, randint, supervised_draw, tile2vec_draw
 from .errors import Tile2AudioError
-from .pools import (GIB, FeatureSource, PoolArrays, PoolPlan, PoolRecord, band_normalisation, eligible_rows,
-                    group_codes, label_codes, load_pool)
+from .pools import (GIB, FeatureSource, PoolArrays, PoolPlan, PoolRecord, SilenceRule, band_normalisation,
+                    eligible_rows, group_codes, label_codes, load_pool)
 from .rules import choose_training
 from .tiles import TileGeometry
 
@@ -282,12 +296,21 @@ class TripletSampler:
         arrays = self._preloaded.pop(p, None)
         return list(arrays if arrays is not None else self._pool_arrays(p))
 
+    def _silence_rule(self) -> SilenceRule | None:
+        """How pools mark silence, or None without ``sampler.skip_silence``."""
+        cfg = self.config
+        if not cfg.skip_silence:
+            return None
+        return SilenceRule(cfg.silence_db, cfg.silence_tile_fraction, self.geometry.tile_frames, self._band_affine,
+                           self._log_unit)
+
     def _pool_arrays(self, p: int) -> PoolArrays:
         """Load pool ``p`` (two tiles of looping for view positives, so two crops of a short clip differ)."""
         arrays, record = load_pool(
             self.cache, self._index, self.plan.pool_units(p), p,
             pad_frames=self.geometry.tile_frames * (2 if self.view else 1), groups=self._group_codes,
-            labels=self._label_codes, dtype=self.pool_dtype.as_numpy_dtype, augment=self.config.augment)
+            labels=self._label_codes, dtype=self.pool_dtype.as_numpy_dtype,
+            augment=bool(self.config.augment) or self.config.byola, silence=self._silence_rule())
         self._warn_if_uniform(record, arrays.l_count if self.config.mode == "supervised" else arrays.g_count)
         self.loaded_pools.append(record)
         log.debug("sampler worker %d loaded pool %d: %d clips, %.1f MiB", self.worker_index, p,
@@ -312,17 +335,45 @@ class TripletSampler:
         keys = tf.random.experimental.stateless_split(key, 2)
         u = tf.random.stateless_uniform([_N_UNIFORMS, self.batch_size], seed=keys[0], dtype=tf.float64)
         if cfg.mode == "supervised":
-            clips, starts = supervised_draw(u, pool, g.tile_frames)
+            clips, starts = supervised_draw(u, pool, g.tile_frames, skip_silence=cfg.skip_silence)
         else:
             distant = cfg.mode == "tile2vec-distant"
             clips, starts = tile2vec_draw(u, pool, g.tile_frames, g.min_gap_frames, g.neighbourhood_frames,
                                           view=self.view, distant_frames=self.distant_frames,
-                                          distant_prob=cfg.distant_prob if distant else 0.0)
+                                          distant_prob=cfg.distant_prob if distant else 0.0,
+                                          skip_silence=cfg.skip_silence)
         tiles = gather_tiles(pool, clips, starts, g.tile_frames)
         tiles = tf.ensure_shape(tiles, [3 * self.batch_size, g.tile_frames, self.n_mels])
         if cfg.augment:
             tiles = augment_tiles(tiles, clips, pool, keys[1], cfg, self._band_affine, self._log_unit)
-        return self._assemble(tiles, clips, starts, pool, with_indices)
+        partners = None
+        if cfg.byola:
+            # A key of its own (folded from the augmentation's), so the draws above never change.
+            tiles, partners = self._views(tiles, clips, pool, tf.random.experimental.stateless_fold_in(keys[1], 1))
+        out = self._assemble(tiles, clips, starts, pool, with_indices)
+        if with_indices and partners is not None:
+            p_a, p_n, p_o = tf.split(tf.gather(pool["rows"], partners), 3)
+            out.update(anchor_partner=p_a, neighbour_partner=p_n, opposite_partner=p_o)
+        return out
+
+    def _views(self, tiles, clips, pool, key):
+        """BYOL-A views of the (3B, T, M) tiles; returns (tiles, partner clip positions (3B,) or None)."""
+        cfg, b, t = self.config, self.batch_size, self.geometry.tile_frames
+        keys = tf.random.experimental.stateless_split(key, 2)
+        partner = partners = None
+        if cfg.mixup_ratio > 0:
+            u = tf.random.stateless_uniform([6, b], seed=keys[0], dtype=tf.float64)
+            partners = mix_partners(u, clips[:b], pool)  # rows 0-2
+            p_starts = self._start_draw(tf.reshape(u[3:], [-1]), partners, pool)
+            partner = gather_tiles(pool, partners, p_starts, t)
+        views = byola_views(tiles, clips, partner, partners, pool, keys[1], cfg, self._band_affine, self._log_unit)
+        return tf.ensure_shape(views, [3 * b, t, self.n_mels]), partners
+
+    def _start_draw(self, u, clips, pool):
+        """Uniform tile starts (int32, like ``clips``) of pool clips ``clips`` (allowed ones with skip_silence)."""
+        if self.config.skip_silence:
+            return allowed_start(u, pool, clips)
+        return randint(u, tf.gather(pool["lengths"], clips) - self.geometry.tile_frames + 1)
 
     def _assemble(self, tiles, clips, starts, pool, with_indices: bool) -> dict:
         """Split the (3B, T, M) tiles into the batch dict."""
