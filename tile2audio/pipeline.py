@@ -458,11 +458,13 @@ def _embeddings_for_run(run_dir: Path, cache: Path, cfg: ExperimentConfig, progr
     from .embed import embed, load_embeddings
     from .features import open_cache
 
-    target = run_dir / "embeddings" / f"on-{_fingerprint(str(Path(cache).resolve()))}"
+    fc = open_cache(cache)
+    # Keyed on the cache's content too: audio re-extracted since (changed files) is embedded again.
+    target = run_dir / "embeddings" / f"on-{_fingerprint(str(Path(cache).resolve()) + fc.content_fingerprint)}"
     if (target / "clip_embeddings.npz").is_file():
         done = load_embeddings(target)
         # A folder holding other clips than the cache's (written by an older version) is redone.
-        if set(done.clips["clip_id"].astype(str)) == set(open_cache(cache).index["clip_id"].astype(str)):
+        if set(done.clips["clip_id"].astype(str)) == set(fc.index["clip_id"].astype(str)):
             return done
         log.warning("%s holds other clips than the cache %s: embedding again", target, cache)
         return embed(run_dir, cache, target, batch_size=cfg.embed.batch_size, progress=progress)
