@@ -37,7 +37,7 @@ def layer_matrices(trial: Path, layers: list[str], cache) -> dict[tuple[str, str
     params, stats, geometry = opened.features, opened.stats, opened.geometry
     models = {}
     for weights in WEIGHTS:
-        encoder = opened.encoder(weights)
+        encoder = opened.encoder(weights, layer="output")  # the whole encoder: every layer is probed
         for name in layers:
             models[weights, name] = keras.Model(encoder.input, encoder.get_layer(name).output)
     rows = {key: [] for key in models}
