@@ -14,7 +14,6 @@ import shutil
 import numpy as np
 import pandas as pd
 import pytest
-import soundfile as sf
 
 from conftest import TINY_FEATURES, TINY_TRAIN
 from tile2audio import atomic

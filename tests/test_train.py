@@ -1,11 +1,11 @@
 """Training: run directory contents, logs, safe loading, resume after SIGKILL, errors."""
 
-import json
 import os
 import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 
 import keras
 import numpy as np
@@ -37,6 +37,9 @@ def test_train_writes_a_complete_run_directory(tiny_cache, tmp_path):
     cache = open_cache(tiny_cache)
     chosen, facts = choose_training(_cfg(f"train.precision={saved.train.precision}"), cache.index,
                                     cache.frames_per_second)
+    # ... and the layer embed reads (auto resolves to the output without a projection head).
+    assert saved.model.embed_layer == "output" and chosen.model.embed_layer == "auto"
+    chosen = replace(chosen, model=replace(chosen.model, embed_layer="output"))
     assert saved == chosen and not saved.tiles.is_auto and not saved.sampler.is_auto
     assert read_run(run)["auto"] == facts and "tiles.min_gap_seconds" in facts["settings"]
     log = pd.read_csv(run / "log.csv")

@@ -140,7 +140,7 @@ def plot_embedding_map(X: np.ndarray, labels: np.ndarray, path: str | Path, name
         raise Tile2AudioError(f"an embedding map needs at least 5 clips, got {len(X)}")
     if not np.ptp(X, axis=0).any():  # t-SNE of identical rows divides by zero (and has crashed)
         raise Tile2AudioError(f"all {len(X)} clips have the same embedding (a collapsed encoder?): nothing to map")
-        xy, method = project_2d(X, seed) if projection is None else projection
+    xy, method = project_2d(X, seed) if projection is None else projection
     names = sorted(set(labels) - {""})
     cmap = plt.get_cmap("tab10" if len(names) <= 10 else "tab20")
     fig, ax = plt.subplots(figsize=(8, 6.5))

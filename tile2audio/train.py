@@ -699,7 +699,6 @@ def train(
     """
     from .features import open_cache
     from .rules import choose_training
-    from .sampler import TripletSampler
 
     given = config = config or TrainingConfig()
     # MultiWorkerMirroredStrategy must exist before any other TensorFlow op runs.
