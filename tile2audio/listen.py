@@ -270,8 +270,11 @@ def listening_data(best, twin, probe_result: dict, cluster: dict, out_dir: str |
     finite = np.isfinite(X).all(axis=1)
     xy, method = np.full((len(X), 2), np.nan), None
     if finite.sum() >= 5:
-        proj, method = project_2d(X[finite], probe_config.seed)
-        xy[finite] = proj
+        try:
+            proj, method = project_2d(X[finite], probe_config.seed)
+            xy[finite] = proj
+        except Tile2AudioError as e:  # a collapsed encoder: the page goes without a map (report logs why)
+            log.debug("listen: no map: %s", e)
     points["x"], points["y"] = xy[:, 0].round(4).tolist(), xy[:, 1].round(4).tolist()
     points["audio"] = [None] * len(ids)
     if config.html:

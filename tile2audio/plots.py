@@ -82,6 +82,11 @@ def project_2d(X: np.ndarray, seed: int) -> tuple[np.ndarray, str]:
     X : np.ndarray, shape (n, D), finite
     seed : projection seed
 
+    Raises
+    ------
+    Tile2AudioError
+        When every row is the same (a collapsed encoder): there is nothing to project.
+
     Returns
     -------
     (np.ndarray of shape (n, 2), str)
@@ -90,6 +95,8 @@ def project_2d(X: np.ndarray, seed: int) -> tuple[np.ndarray, str]:
     from sklearn.preprocessing import StandardScaler
     from threadpoolctl import threadpool_limits
 
+    if len(X) and not np.ptp(X, axis=0).any():  # t-SNE of identical rows divides by zero (and has crashed)
+        raise Tile2AudioError(f"all {len(X)} clips have the same embedding (a collapsed encoder?): nothing to map")
     X = StandardScaler().fit_transform(np.asarray(X, dtype=np.float64))
     with threadpool_limits(1 if X.size < SMALL_PROBLEM else None):
         return _project(X, seed)
@@ -138,8 +145,6 @@ def plot_embedding_map(X: np.ndarray, labels: np.ndarray, path: str | Path, name
     X, labels = X[keep], np.asarray(labels).astype(str)[keep]
     if len(X) < 5:
         raise Tile2AudioError(f"an embedding map needs at least 5 clips, got {len(X)}")
-    if not np.ptp(X, axis=0).any():  # t-SNE of identical rows divides by zero (and has crashed)
-        raise Tile2AudioError(f"all {len(X)} clips have the same embedding (a collapsed encoder?): nothing to map")
     xy, method = project_2d(X, seed) if projection is None else projection
     names = sorted(set(labels) - {""})
     cmap = plt.get_cmap("tab10" if len(names) <= 10 else "tab20")
