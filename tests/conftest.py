@@ -84,3 +84,12 @@ def pytest_configure(config):
 #: tests that need them skip). TILE2AUDIO_DATASETS overrides the location.
 SHARED_DATASETS = Path(os.environ.get("TILE2AUDIO_DATASETS",
                                       Path(__file__).resolve().parents[2] / "shared" / "datasets"))
+
+
+def one_line_error(capsys, *needles):
+    """The captured stderr, asserted to be one ``tile2audio: error:`` line holding every needle."""
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("tile2audio: error: ") and "\n" not in err and "Traceback" not in err, err
+    for needle in needles:
+        assert needle in err, err
+    return err

@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import TINY_FEATURES, TINY_TRAIN
+from conftest import TINY_FEATURES, TINY_TRAIN, one_line_error
 from tile2audio import atomic
 from tile2audio.audio import load_audio
 from tile2audio.cli import main
@@ -229,19 +229,11 @@ def _features_cli(manifest, out):
     return main(["-q", "features", str(manifest), "-o", str(out), "--jobs", "1", *sets])
 
 
-def _one_line_error(capsys, *needles):
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("tile2audio: error: ") and "\n" not in err and "Traceback" not in err, err
-    for needle in needles:
-        assert needle in err, err
-    return err
-
-
 def test_output_naming_a_file(one_clip_manifest, tmp_path, capsys):
     out = tmp_path / "taken"
     out.write_text("keep me")
     assert _features_cli(one_clip_manifest, out) == 2
-    _one_line_error(capsys, str(out), "existing file")
+    one_line_error(capsys, str(out), "existing file")
     assert out.read_text() == "keep me"
 
 
@@ -252,7 +244,7 @@ def test_output_folder_not_writable(one_clip_manifest, tmp_path, capsys, monkeyp
     real_access = os.access
     monkeypatch.setattr(os, "access", lambda p, mode, **kw: False if os.fspath(p) == str(out) else real_access(p, mode, **kw))
     assert _features_cli(one_clip_manifest, out) == 2
-    _one_line_error(capsys, str(out), "not writable")
+    one_line_error(capsys, str(out), "not writable")
 
 
 def test_full_disk_during_features(one_clip_manifest, tmp_path, capsys, monkeypatch):
@@ -261,7 +253,7 @@ def test_full_disk_during_features(one_clip_manifest, tmp_path, capsys, monkeypa
 
     monkeypatch.setattr(atomic, "save_npy", full)
     assert _features_cli(one_clip_manifest, tmp_path / "cache") == 2
-    _one_line_error(capsys, "No space left on device", "shards")
+    one_line_error(capsys, "No space left on device", "shards")
 
 
 @pytest.mark.parametrize("override, needle", [
@@ -269,7 +261,7 @@ def test_full_disk_during_features(one_clip_manifest, tmp_path, capsys, monkeypa
 ])
 def test_bad_training_values_on_the_cli(tiny_cache, tmp_path, capsys, override, needle):
     assert main(["-q", "train", "--cache", str(tiny_cache), "-o", str(tmp_path / "runs"), "--set", override]) == 2
-    _one_line_error(capsys, needle)
+    one_line_error(capsys, needle)
     assert not (tmp_path / "runs").exists()
 
 
@@ -386,7 +378,7 @@ def test_skip_existing_refuses_other_weights(tiny_run, tiny_dataset, tmp_path, c
     code = main(["-q", "embed", str(tiny_run), str(tiny_dataset), "-o", str(out), "--weights", "init",
                  "--skip-existing"])
     assert code == 2
-    _one_line_error(capsys, "would mix encoders", "'trained'", "'init'")
+    one_line_error(capsys, "would mix encoders", "'trained'", "'init'")
     assert {p.name: p.read_bytes() for p in (out / "tiles").iterdir()} == before
     assert json.loads((out / "embed.json").read_text())["weights"] == "trained"
     # Without --skip-existing the folder is re-embedded with the init weights, all of it.
@@ -419,7 +411,7 @@ def test_truncated_encoder_file(tiny_run, tiny_cache, tmp_path, capsys):
     shutil.copytree(tiny_run, run)
     _cut(run / "encoder.keras")
     assert main(["-q", "embed", str(run), str(tiny_cache), "-o", str(tmp_path / "emb")]) == 2
-    _one_line_error(capsys, str(run / "encoder.keras"), "truncated or corrupt")
+    one_line_error(capsys, str(run / "encoder.keras"), "truncated or corrupt")
 
 
 @pytest.mark.parametrize("stage", ["train", "embed"])
@@ -431,5 +423,5 @@ def test_output_naming_a_file_in_later_stages(tiny_run, tiny_cache, tmp_path, ca
     else:
         argv = ["-q", "embed", str(tiny_run), str(tiny_cache), "-o", str(out)]
     assert main(argv) == 2
-    _one_line_error(capsys, str(out), "existing file")
+    one_line_error(capsys, str(out), "existing file")
     assert out.read_text() == "keep me"

@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import TINY_FEATURES, TINY_TRAIN
+from conftest import TINY_FEATURES, TINY_TRAIN, one_line_error
 from tile2audio.audio import load_audio
 from tile2audio.cli import main
 from tile2audio.config import FeatureParams, ProbeConfig, load_training
@@ -56,14 +56,6 @@ def _tree(cache_dir: Path) -> dict[str, bytes]:
 
 def _messages(caplog) -> str:
     return "\n".join(r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING)
-
-
-def _one_line_error(capsys, *needles):
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("tile2audio: error: ") and "\n" not in err and "Traceback" not in err, err
-    for needle in needles:
-        assert needle in err, err
-    return err
 
 
 @pytest.fixture
@@ -137,7 +129,7 @@ def test_damaged_cache_is_one_line_in_train_and_embed(built, tmp_path, capsys):
     _offset_at_other_clip(cache)
     argv = ["-q", "train", "--cache", str(cache), "-o", str(tmp_path / "runs"), *[a for s in TINY_TRAIN for a in ("--set", s)]]
     assert main(argv) == 2
-    _one_line_error(capsys, str(cache), "damaged", "clips 'c00' and 'c01' overlap")
+    one_line_error(capsys, str(cache), "damaged", "clips 'c00' and 'c01' overlap")
 
 
 def test_changed_shard_bytes_fail_the_checksum(built, caplog):
@@ -263,7 +255,7 @@ def test_manifest_paths_outside_the_root(tmp_path, tone_fn, write_audio, caplog,
     capsys.readouterr()
     assert main(["-q", "features", str(csv), "-o", str(tmp_path / "cli"), "--jobs", "1",
                  "--refuse-outside-root", *sets]) == 2
-    _one_line_error(capsys, "outside their data root", "../outside.wav")
+    one_line_error(capsys, "outside their data root", "../outside.wav")
 
 
 # --------------------------------------------------------------------------- the same file twice
@@ -304,7 +296,7 @@ def test_missing_root_is_one_line(tmp_path, capsys):
     csv = tmp_path / "m.csv"
     manifest.to_csv(csv, index=False)
     assert main(["-q", "features", str(csv), "-o", str(tmp_path / "cache"), "--jobs", "1"]) == 2
-    _one_line_error(capsys, f"data root {tmp_path / 'moved'} does not exist", "500 clip(s)", "--root")
+    one_line_error(capsys, f"data root {tmp_path / 'moved'} does not exist", "500 clip(s)", "--root")
 
 
 def test_many_missing_files_are_one_summary(tmp_path, tone_fn, write_audio, caplog):

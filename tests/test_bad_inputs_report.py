@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import TINY_FEATURES, TINY_TRAIN
+from conftest import TINY_FEATURES, TINY_TRAIN, one_line_error
 from tile2audio.cli import main
 from tile2audio.clusters import cluster_entries
 from tile2audio.config import ClusterConfig, FeatureParams, ProbeConfig, load_training
@@ -30,14 +30,6 @@ from tile2audio.report import escape_markdown, make_report
 from tile2audio.runs import update_run_json
 
 QUICK = ["--set", "probe.n_splits=2", "--set", "cluster.k_max=4", "--set", "probe.c_grid=[1.0]"]
-
-
-def _one_line_error(capsys, *needles):
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("tile2audio: error: ") and "\n" not in err and "Traceback" not in err, err
-    for needle in needles:
-        assert needle in err, err
-    return err
 
 
 def _set(labels, seed=0, **cols):
@@ -90,7 +82,7 @@ def test_report_of_runs_with_other_features_says_so(run, other_run, tiny_cache, 
     shutil.copytree(other_run, b)
     update_run_json(a, cache=str(tmp_path / "exp" / "cache"))
     assert main(["-q", "report", str(a), str(b), "-o", str(tmp_path / "rep"), *QUICK]) == 2
-    _one_line_error(capsys, "features differ", "b/run has hop_length=256", str(tmp_path / "exp" / "cache"))
+    one_line_error(capsys, "features differ", "b/run has hop_length=256", str(tmp_path / "exp" / "cache"))
     assert not (b / "embeddings").exists() and not (a / "embeddings").exists()
 
 

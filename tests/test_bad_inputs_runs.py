@@ -23,7 +23,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from conftest import TINY_FEATURES, TINY_TRAIN
+from conftest import TINY_FEATURES, TINY_TRAIN, one_line_error
 from tile2audio.cli import main
 from tile2audio.config import FeatureParams, load_experiment, load_training
 from tile2audio.errors import Tile2AudioError
@@ -32,14 +32,6 @@ from tile2audio.runs import open_run, read_run
 
 SR = 8000
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _one_line_error(capsys, *needles):
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("tile2audio: error: ") and "\n" not in err and "Traceback" not in err, err
-    for needle in needles:
-        assert needle in err, err
-    return err
 
 
 def _cfg(*extra):
@@ -87,7 +79,7 @@ def test_a_second_writer_of_a_run_is_refused_naming_the_first(run_copy, tiny_cac
         holder.write("pid 4242 on elsewhere since 2026-01-01 00:00:00: tile2audio train --resume\n")
         holder.flush()
         assert main(argv) == 2
-        _one_line_error(capsys, str(run_copy), "another process is writing this run", "pid 4242")
+        one_line_error(capsys, str(run_copy), "another process is writing this run", "pid 4242")
     # The lock file of a process that died (no flock held) does not block.
     assert (run_copy / ".lock").read_text().startswith("pid 4242")
     assert main(argv) == 0
@@ -116,7 +108,7 @@ def test_resume_checks_the_features_of_the_cache(tiny_dataset, tmp_path, capsys)
 
     # Another cache with other features is refused by name, not silently ignored.
     assert resume(other, 2) == 2
-    _one_line_error(capsys, "--resume", str(other), "other feature parameters")
+    one_line_error(capsys, "--resume", str(other), "other feature parameters")
     assert (run / "encoder.keras").read_bytes() == encoder
     # A cache with the same features (a copy) is used.
     assert resume(same, 2) == 0
@@ -127,7 +119,7 @@ def test_resume_checks_the_features_of_the_cache(tiny_dataset, tmp_path, capsys)
                 progress=False, overwrite=True)
     capsys.readouterr()
     assert resume(cache, 3) == 2
-    _one_line_error(capsys, str(cache), "was rebuilt with other feature settings")
+    one_line_error(capsys, str(cache), "was rebuilt with other feature settings")
     assert (run / "encoder.keras").read_bytes() == encoder
     assert read_run(run)["step"] == 4
 
@@ -147,7 +139,7 @@ def test_an_edited_features_json_is_refused(run_copy, tiny_cache, tmp_path, caps
     with pytest.raises(Tile2AudioError, match="features.json: the feature parameters or normalisation statistics"):
         open_run(run_copy)
     assert main(["-q", "embed", str(run_copy), str(tiny_cache), "-o", str(tmp_path / "emb")]) == 2
-    _one_line_error(capsys, str(path), "edited after training")
+    one_line_error(capsys, str(path), "edited after training")
     assert not (tmp_path / "emb" / "clip_embeddings.npz").exists()
 
 
@@ -182,7 +174,7 @@ def test_a_broken_run_json_is_one_line(run_copy, tiny_cache, tmp_path, capsys, c
         "resume": ["train", "--cache", str(tiny_cache), "-o", str(run_copy), "--resume"],
     }[reader]
     assert main(["-q", *argv]) == 2
-    _one_line_error(capsys, str(path), needle)
+    one_line_error(capsys, str(path), needle)
 
 
 @pytest.mark.parametrize("edit, needle", [
@@ -197,7 +189,7 @@ def test_a_broken_features_json_is_one_line(run_copy, tiny_cache, tmp_path, caps
     edit(feat)
     path.write_text(json.dumps(feat))
     assert main(["-q", "embed", str(run_copy), str(tiny_cache), "-o", str(tmp_path / "emb")]) == 2
-    _one_line_error(capsys, str(path), needle)
+    one_line_error(capsys, str(path), needle)
 
 
 @pytest.fixture(scope="module")
@@ -232,7 +224,7 @@ def test_broken_embedding_files_are_one_line(tiny_embeddings, tmp_path, broken, 
 def test_a_huge_batch_size_is_refused_at_start(tiny_cache, tmp_path, capsys, value):
     runs = tmp_path / "runs"
     assert main(["-q", "train", "--cache", str(tiny_cache), "-o", str(runs), *_sets(f"train.batch_size={value}")]) == 2
-    _one_line_error(capsys, "train.batch_size", "GiB")
+    one_line_error(capsys, "train.batch_size", "GiB")
     assert not runs.exists() or not list(runs.iterdir())  # no half-made run folder
 
 
@@ -240,14 +232,14 @@ def test_a_batch_far_beyond_the_clips_is_refused(tiny_cache, tmp_path, capsys):
     # 12 clips: 100 triplets per clip is the bound, small enough in memory to pass the first check.
     assert main(["-q", "train", "--cache", str(tiny_cache), "-o", str(tmp_path / "runs"),
                  *_sets("train.batch_size=1201")]) == 2
-    _one_line_error(capsys, "train.batch_size 1,201", "12 clips")
+    one_line_error(capsys, "train.batch_size 1,201", "12 clips")
 
 
 @pytest.mark.parametrize("size", ["0", "-1"])
 def test_embed_batch_size_must_be_positive(tiny_run, tiny_cache, tmp_path, capsys, size):
     assert main(["-q", "embed", str(tiny_run), str(tiny_cache), "-o", str(tmp_path / "emb"),
                  "--batch-size", size]) == 2
-    _one_line_error(capsys, "--batch-size", f"got {size}")
+    one_line_error(capsys, "--batch-size", f"got {size}")
 
 
 # --------------------------------------------------------------------------- YAML
@@ -269,7 +261,7 @@ def test_a_yaml_alias_bomb_is_refused(tmp_path, capsys):
         load_training(bomb)
     assert main(["-q", "train", "--cache", str(tmp_path / "none"), "-o", str(tmp_path / "runs"),
                  "--config", str(bomb)]) == 2
-    _one_line_error(capsys, str(bomb), "&anchor / *alias")
+    one_line_error(capsys, str(bomb), "&anchor / *alias")
     with pytest.raises(Tile2AudioError, match="--set data.options"):
         load_experiment(None, ["data.options={a: &a [1,1,1,1,1,1,1,1,1,1], b: &b [" + ",".join(["*a"] * 10)
                                + "], c: &c [" + ",".join(["*b"] * 10) + "], d: &d [" + ",".join(["*c"] * 10)
@@ -294,7 +286,7 @@ def test_a_one_frame_tile_is_refused(tiny_cache, tmp_path, capsys):
     # 62.5 frames/s: 0.016 s is one frame.
     assert main(["-q", "train", "--cache", str(tiny_cache), "-o", str(tmp_path / "runs"),
                  *_sets("tiles.tile_seconds=0.016", "tiles.tile_hop_seconds=0.016")]) == 2
-    _one_line_error(capsys, "tiles.tile_seconds 0.016 is 1 frame", "at least 2 frames")
+    one_line_error(capsys, "tiles.tile_seconds 0.016 is 1 frame", "at least 2 frames")
     assert not list((tmp_path / "runs").iterdir())
 
 
