@@ -394,6 +394,41 @@ def test_group_exclusion_is_a_setting_of_its_own():
     np.testing.assert_array_equal(_cat(off_batches, "anchor_group"), a)
 
 
+def test_same_group_opposites_come_at_the_set_rate_and_change_nothing_else():
+    # Three speakers of 4 clips and two clips without a group (a group of one: no mate).
+    groups = ["spk1"] * 4 + ["spk2"] * 4 + ["spk3"] * 4 + ["", ""]
+    cache = FakeCache([100] * 14, groups=groups)
+    spk = np.array([g or f"solo{i}" for i, g in enumerate(groups)])
+
+    def draw(prob):
+        cfg = _sampler(exclude_group_opposites=False, same_group_prob=prob)
+        batches = _batches(TripletSampler(cache, TILES, cfg, 256, seed=0), 4)
+        return {k: _cat(batches, k) for k in ("anchor_clip", "opposite_clip", "anchor_group", "anchor_start")}
+
+    base, half, always = draw(0.0), draw(0.5), draw(1.0)
+    for d in (half, always):
+        # Anchors and their starts do not move; an opposite is never the anchor's own clip.
+        np.testing.assert_array_equal(d["anchor_clip"], base["anchor_clip"])
+        np.testing.assert_array_equal(d["anchor_start"], base["anchor_start"])
+        assert (d["opposite_clip"] != d["anchor_clip"]).all()
+        # The loss still treats every clip as its own group (same-speaker opposites are negatives).
+        np.testing.assert_array_equal(d["anchor_group"], d["anchor_clip"])
+    same = lambda d: spk[d["anchor_clip"]] == spk[d["opposite_clip"]]  # noqa: E731
+    grouped = np.isin(base["anchor_clip"], np.arange(12))
+    # Always: every anchor with a mate gets one; the two solo clips keep other clips' opposites.
+    assert same(always)[grouped].all() and not same(always)[~grouped].any()
+    # By chance 3 of 13 other clips are mates (0.23); half of the draws add 0.5 of the rest.
+    rate = same(half)[grouped].mean()
+    assert 0.55 < rate < 0.70, rate
+    assert same(base)[grouped].mean() < 0.35
+
+
+def test_same_group_opposites_need_groups_not_barred():
+    cache = FakeCache([100] * 8, groups=["a"] * 4 + ["b"] * 4)
+    with pytest.raises(Tile2AudioError, match="same_group_prob"):
+        TripletSampler(cache, TILES, _sampler(exclude_group_opposites=True, same_group_prob=0.5), 8, seed=0)
+
+
 def test_clip_fraction_draws_from_a_seeded_subset_only():
     cache = FakeCache([100] * 20)
     sampler = TripletSampler(cache, TILES, _sampler(clip_fraction=0.25), 64, seed=3)

@@ -262,6 +262,12 @@ class SamplerConfig:
     partners are never of the anchor's clip or group, and the positive's partner is
     never the anchor's (see :mod:`tile2audio.sampler`).
 
+    ``same_group_prob``: the probability that a ``tile2vec`` opposite is another clip of
+    the anchor's manifest ``group`` (same speaker, artist or session, another take),
+    when the group has one; 0 (the default) turns it off. Such opposites are hard
+    negatives: the encoder cannot tell them apart by who or what recorded them. It
+    needs ``exclude_group_opposites`` false.
+
     ``skip_silence``: anchor, positive, opposite and mixing-partner tiles start only where
     at least ``silence_tile_fraction`` of the tile's frames are non-silent, a frame being
     non-silent when its power (summed over the mel bands) is within ``silence_db`` dB of
@@ -296,6 +302,7 @@ class SamplerConfig:
     skip_silence: bool = False
     silence_db: float = 40.0
     silence_tile_fraction: float = 0.5
+    same_group_prob: float = 0.0
 
     def __post_init__(self) -> None:
         _check_all_finite(self, "sampler")
@@ -308,7 +315,7 @@ class SamplerConfig:
             raise Tile2AudioError(f"sampler.clip_fraction must be in (0, 1], got {self.clip_fraction!r}")
         _check_positive("sampler.memory_gb", self.memory_gb)
         _check_positive("sampler.rotate_steps", self.rotate_steps)
-        for name in ("distant_prob", "mix_prob", "time_mask_fraction", "freq_mask_fraction"):
+        for name in ("distant_prob", "mix_prob", "time_mask_fraction", "freq_mask_fraction", "same_group_prob"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise Tile2AudioError(f"sampler.{name} must be in [0, 1], got {getattr(self, name)!r}")
         self._check_views()

@@ -51,13 +51,15 @@ def other_clip(u, clip, n):
 
 
 def tile2vec_draw(u: tf.Tensor, pool: dict, tile_frames: int, min_gap_frames: int, neighbourhood_frames: int,
-                  view: bool = False, distant_frames: int = 0, distant_prob: float = 0.0, skip_silence: bool = False):
+                  view: bool = False, distant_frames: int = 0, distant_prob: float = 0.0, skip_silence: bool = False,
+                  same_group_prob: float = 0.0):
     """Clip positions and tile starts of one tile2vec batch.
 
     Parameters
     ----------
-    u : tf.Tensor, float64 (>= 7, B)
-        Uniforms; rows 0-4 drive anchor, neighbour and opposite, rows 5-6 the distant draw.
+    u : tf.Tensor, float64 (>= 8, B)
+        Uniforms; rows 0-4 drive anchor, neighbour and opposite, rows 5-6 the distant draw,
+        row 7 the same-group choice.
     view : bool
         Anchor and positive are two independent uniform crops of the clip.
     distant_prob : float
@@ -68,6 +70,9 @@ def tile2vec_draw(u: tf.Tensor, pool: dict, tile_frames: int, min_gap_frames: in
         Every start is drawn among the clip's allowed (mostly non-silent) starts (the
         pool's ``ok_*`` tables); a neighbour or far tile falls back to the rule above
         when no allowed start fits.
+    same_group_prob : float
+        With this probability the opposite is another clip of the anchor's manifest
+        group (the pool's ``h_*`` tables), when the group has another clip in the pool.
 
     Returns
     -------
@@ -87,6 +92,10 @@ def tile2vec_draw(u: tf.Tensor, pool: dict, tile_frames: int, min_gap_frames: in
     o, found = outside_block(u[3], tf.gather(pool["g_start"], a), tf.gather(pool["g_count"], a),
                              n_clips, pool["g_order"])
     o = tf.where(found, o, other_clip(u[3], a, n_clips))
+    if same_group_prob > 0:
+        mate, has_mate = inside_block_excluding(u[3], tf.gather(pool["h_start"], a), tf.gather(pool["h_count"], a),
+                                                tf.gather(pool["h_rank"], a), pool["h_order"])
+        o = tf.where((u[7] < same_group_prob) & has_mate, mate, o)
     if skip_silence:
         o_s = allowed_start(u[4], pool, o)
     else:

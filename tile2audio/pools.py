@@ -72,6 +72,11 @@ class PoolArrays(NamedTuple):
     l_start: np.ndarray  # int32
     l_count: np.ndarray  # int32
     l_rank: np.ndarray  # int32, each clip's rank inside its label block
+    # The manifest's own groups (speaker, artist, session), even when opposites do not exclude them:
+    h_order: np.ndarray  # int32, clips sorted by manifest group
+    h_start: np.ndarray  # int32
+    h_count: np.ndarray  # int32
+    h_rank: np.ndarray  # int32, each clip's rank inside its manifest-group block
     s_clip: np.ndarray  # float32, per-clip scale of the log-domain augmentation
     o_clip: np.ndarray  # float32, per-clip offset of the log-domain augmentation
     # The allowed (mostly non-silent) tile starts, empty unless sampler.skip_silence:
@@ -247,7 +252,8 @@ class PoolPlan:
 
 def load_pool(cache: FeatureSource, index: pd.DataFrame, units: list[LoadUnit], pool: int, *, pad_frames: int,
               groups: np.ndarray, labels: np.ndarray, dtype, augment: bool,
-              silence: SilenceRule | None = None) -> tuple[PoolArrays, PoolRecord]:
+              silence: SilenceRule | None = None,
+              manifest_groups: np.ndarray | None = None) -> tuple[PoolArrays, PoolRecord]:
     """Read one pool from the cache with its sampling tables.
 
     Parameters
@@ -267,6 +273,10 @@ def load_pool(cache: FeatureSource, index: pd.DataFrame, units: list[LoadUnit], 
     silence : SilenceRule, optional
         Mark each clip's mostly non-silent tile starts (:func:`non_silent_starts`); the
         ``ok_*`` fields are empty without it.
+    manifest_groups : ndarray of int32, shape (len(index),), optional
+        The manifest's own group codes, for same-group opposites (the ``h_*`` tables);
+        ``groups`` when not given (``groups`` is one code per clip when opposites do not
+        exclude groups).
 
     Returns
     -------
@@ -284,6 +294,7 @@ def load_pool(cache: FeatureSource, index: pd.DataFrame, units: list[LoadUnit], 
     pool_groups = groups[rows].astype(np.int32)
     g_order, g_start, g_count, _ = blocks(pool_groups)
     l_order, l_start, l_count, l_rank = blocks(labels[rows])
+    h_order, h_start, h_count, h_rank = blocks((groups if manifest_groups is None else manifest_groups)[rows])
     s_clip, o_clip = clip_normalisation(index, cache.params.normalize, rows, augment or silence is not None)
     record = PoolRecord(pool, tuple(u.shard for u in units), len(rows), int(sum(u.nbytes for u in units)))
     i32 = np.int32
@@ -294,6 +305,7 @@ def load_pool(cache: FeatureSource, index: pd.DataFrame, units: list[LoadUnit], 
     arrays = PoolArrays(frames=frames, offsets=offsets.astype(i32), lengths=lengths.astype(i32),
                         rows=rows.astype(i32), groups=pool_groups, g_order=g_order, g_start=g_start,
                         g_count=g_count, l_order=l_order, l_start=l_start, l_count=l_count, l_rank=l_rank,
+                        h_order=h_order, h_start=h_start, h_count=h_count, h_rank=h_rank,
                         s_clip=s_clip, o_clip=o_clip, ok_rank=ok[0], ok_starts=ok[1], ok_offset=ok[2],
                         ok_count=ok[3])
     return arrays, record

@@ -173,6 +173,10 @@ class TripletSampler:
         # Without exclusion every clip is its own group, for the opposites and the loss's negatives alike.
         self._group_codes = (group_codes(index) if sampler.exclude_group_opposites
                              else np.arange(len(index), dtype=np.int32))
+        self._manifest_groups = group_codes(index)
+        if sampler.same_group_prob > 0 and sampler.exclude_group_opposites is True:
+            raise Tile2AudioError("sampler.same_group_prob needs sampler.exclude_group_opposites: false "
+                                  "(opposites cannot be both barred from and drawn from the anchor's group)")
         self._label_codes = label_codes(index)
         rows = eligible_rows(index, self._label_codes, sampler.mode, sampler.clip_fraction, self.seed)
         self.plan = PoolPlan(cache, index, rows, self.geometry.tile_frames, int(sampler.memory_gb * GIB), self.seed,
@@ -310,7 +314,8 @@ class TripletSampler:
             self.cache, self._index, self.plan.pool_units(p), p,
             pad_frames=self.geometry.tile_frames * (2 if self.view else 1), groups=self._group_codes,
             labels=self._label_codes, dtype=self.pool_dtype.as_numpy_dtype,
-            augment=bool(self.config.augment) or self.config.byola, silence=self._silence_rule())
+            augment=bool(self.config.augment) or self.config.byola, silence=self._silence_rule(),
+            manifest_groups=self._manifest_groups)
         self._warn_if_uniform(record, arrays.l_count if self.config.mode == "supervised" else arrays.g_count)
         self.loaded_pools.append(record)
         log.debug("sampler worker %d loaded pool %d: %d clips, %.1f MiB", self.worker_index, p,
@@ -341,7 +346,7 @@ class TripletSampler:
             clips, starts = tile2vec_draw(u, pool, g.tile_frames, g.min_gap_frames, g.neighbourhood_frames,
                                           view=self.view, distant_frames=self.distant_frames,
                                           distant_prob=cfg.distant_prob if distant else 0.0,
-                                          skip_silence=cfg.skip_silence)
+                                          skip_silence=cfg.skip_silence, same_group_prob=cfg.same_group_prob)
         tiles = gather_tiles(pool, clips, starts, g.tile_frames)
         tiles = tf.ensure_shape(tiles, [3 * self.batch_size, g.tile_frames, self.n_mels])
         if cfg.augment:
