@@ -581,6 +581,19 @@ def test_view_gain_and_eq_add_a_smooth_curve_in_db_per_tile():
     assert (np.abs(np.diff(curves, axis=1)).max(axis=1) > 0.1).mean() > 0.9  # but not flat
 
 
+def test_eq_views_are_byola_views_without_mixup_and_crop():
+    cache = FakeCache([200, 150, 120], n_mels=16)
+    # Left at their defaults, mixup (0.4) and the crop (0.6-1.5) would change every tile.
+    eq = _batches(TripletSampler(cache, TILES, _sampler(views="eq"), 32, seed=1), 1)[0]
+    byola = _batches(TripletSampler(cache, TILES, _views(view_gain_db=6.0, eq_db=6.0),
+                                    32, seed=1), 1)[0]
+    plain = _batches(TripletSampler(cache, TILES, _sampler(), 32, seed=1), 1)[0]
+    assert "anchor_partner" not in eq
+    for key in ("anchor", "neighbour", "opposite"):
+        np.testing.assert_array_equal(eq[key], byola[key])
+        assert not np.allclose(eq[key], plain[key])
+
+
 def test_views_are_deterministic_and_resume_exactly():
     cache = _rotating_cache()
     config = _views(mixup_ratio=0.4, view_gain_db=6.0, eq_db=6.0, crop_scale_min=0.6, crop_scale_max=1.5,

@@ -46,7 +46,7 @@ PRECISIONS = ("auto", "float32", "mixed_bfloat16", "mixed_float16")
 # The choices of every string setting, in one place: the checks below, tile2audio.losses
 # and the command line's ``choices=`` all read these tuples.
 SAMPLER_MODES = ("tile2vec", "tile2vec-distant", "supervised")
-VIEWS = ("plain", "byola")
+VIEWS = ("plain", "byola", "eq")
 ENCODERS = ("cnn", "crnn", "resnet18")
 GLOBAL_POOLS = ("avg", "max", "avgmax", "time", "frames")
 LOSS_KINDS = ("triplet", "npair")
@@ -246,7 +246,9 @@ class SamplerConfig:
     ``exclude_group_opposites`` default to ``auto``, chosen from the data by
     :func:`tile2audio.rules.choose_training`; an explicit value always wins.
 
-    ``views``: ``plain`` (the default: tiles as cut, then ``augment`` if on) or ``byola``:
+    ``views``: ``plain`` (the default: tiles as cut, then ``augment`` if on), ``eq`` (only
+    the random gain and the smooth random EQ below, on every tile: a recording's fixed
+    spectral envelope and level stop identifying it) or ``byola``:
     every tile of a triplet (anchor, positive and opposite, each from its own seed) also
     goes through BYOL-A's views (Niizumi et al. 2021), in the un-normalised log domain:
     log-mixup-exp ``log((1 - l) exp(x) + l exp(m))`` of the tile's natural-log mel power
@@ -344,8 +346,15 @@ class SamplerConfig:
 
     @property
     def byola(self) -> bool:
-        """True when ``views`` is ``byola``."""
-        return self.views == "byola"
+        """True when ``views`` is ``byola`` or ``eq`` (views in the log domain are drawn)."""
+        return self.views in ("byola", "eq")
+
+    @property
+    def view_settings(self) -> "SamplerConfig":
+        """The settings :func:`tile2audio.augment.byola_views` applies: ``eq`` is byola without mixup and crop."""
+        if self.views == "eq":
+            return dataclasses.replace(self, mixup_ratio=0.0, crop_scale_min=1.0, crop_scale_max=1.0)
+        return self
 
     @property
     def is_auto(self) -> bool:

@@ -363,7 +363,7 @@ class TripletSampler:
 
     def _views(self, tiles, clips, pool, key):
         """BYOL-A views of the (3B, T, M) tiles; returns (tiles, partner clip positions (3B,) or None)."""
-        cfg, b, t = self.config, self.batch_size, self.geometry.tile_frames
+        cfg, b, t = self.config.view_settings, self.batch_size, self.geometry.tile_frames
         keys = tf.random.experimental.stateless_split(key, 2)
         partner = partners = None
         if cfg.mixup_ratio > 0:
