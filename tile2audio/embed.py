@@ -409,7 +409,12 @@ def embed_many(encoder, clips: Iterable, geometry, batch_size: int = 128) -> Ite
         nonlocal n_waiting
         if not waiting:
             return
-        out = np.asarray(forward(np.concatenate([t for _, t in waiting])[..., None]), dtype=np.float32)
+        batch = np.concatenate([t for _, t in waiting])
+        if n_waiting < batch_size:
+            # Pad the last batch: one input shape, so a clip's embeddings do not depend on
+            # which clips shared its batch (kernels picked per batch size round differently).
+            batch = np.concatenate([batch, np.zeros((batch_size - n_waiting,) + batch.shape[1:], batch.dtype)])
+        out = np.asarray(forward(batch[..., None]), dtype=np.float32)
         i = 0
         for slot, t in waiting:
             entry = open_clips[slot]
