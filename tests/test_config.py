@@ -130,9 +130,9 @@ def test_view_and_silence_settings_are_checked(name, value):
         SamplerConfig(**{name: value})
 
 
-def test_views_default_to_eq_silence_off_and_both_load_from_overrides():
+def test_view_and_silence_settings_default_off_and_load_from_overrides():
     cfg = SamplerConfig()
-    assert cfg.views == "eq" and cfg.byola and cfg.skip_silence is False
+    assert cfg.views == "plain" and not cfg.byola and cfg.skip_silence is False
     loaded = load_experiment(None, ["sampler.views=byola", "sampler.mixup_ratio=0.3", "sampler.skip_silence=true",
                                     "sampler.eq_points=3"]).sampler
     assert loaded.byola and loaded.mixup_ratio == 0.3 and loaded.skip_silence is True and loaded.eq_points == 3
