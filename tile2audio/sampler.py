@@ -170,10 +170,10 @@ class TripletSampler:
         self.distant_frames = self._distant_frames()
         index = _checked_index(cache.index)
         self._index = index
-        # Without exclusion every clip is its own group, for the opposites and the loss's negatives alike.
-        self._group_codes = (group_codes(index) if sampler.exclude_group_opposites
-                             else np.arange(len(index), dtype=np.int32))
         self._manifest_groups = group_codes(index)
+        # Without exclusion every clip is its own group, for the opposites and the loss's negatives alike.
+        self._group_codes = (self._manifest_groups if sampler.exclude_group_opposites
+                             else np.arange(len(index), dtype=np.int32))
         if sampler.same_group_prob > 0 and sampler.exclude_group_opposites is True:
             raise Tile2AudioError("sampler.same_group_prob needs sampler.exclude_group_opposites: false "
                                   "(opposites cannot be both barred from and drawn from the anchor's group)")
